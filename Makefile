@@ -1,0 +1,32 @@
+# Set-up, training, tests, benchmarks and serving. `make setup` is idempotent: it reinstalls only
+# when pyproject.toml changes. torch is pinned and installed first so nothing pulls a newer build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup demo train test bench serve clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo train: setup
+	$(PY) train_qwen3.py
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+serve: setup
+	$(PY) serve_qwen3.py
+
+clean:
+	rm -rf $(VENV) .cache runs
