@@ -1,0 +1,186 @@
+"""Checkpoints are Hugging Face model folders: what training hands to inference, serving and the ecosystem.
+
+    DIR/config.json              Qwen3 config (model_type "qwen3")
+    DIR/model.safetensors        weights under the transformers names (a tied LM head is not stored)
+    DIR/generation_config.json   bos/eos ids
+    DIR/tokenizer.json ...       when a tokenizer is given
+    DIR/trainer_state.pt         optional: what a resumed run needs
+
+Folders are written under a temporary name and renamed into place, so a reader never sees half a
+checkpoint. Loading accepts any such folder, a real Qwen3 release included, and a folder that is
+missing, truncated or mismatched fails with a `CheckpointError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from qwen3.config import ModelConfig
+from qwen3.errors import UserError
+from qwen3.model import Qwen3ForCausalLM
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TRAINER_STATE_NAME = "trainer_state.pt"
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class CheckpointError(UserError):
+    """A checkpoint folder that cannot be loaded; the message names the file and what is wrong."""
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path` by rename, else vanishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        path.rename(old)
+    temporary.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model: Qwen3ForCausalLM, path: str | Path, tokenizer: Any = None,
+               trainer_state: dict[str, Any] | None = None) -> Path:
+    """Write `model` (and optionally its tokenizer and trainer state) as a HF folder at `path`."""
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    config = model.config
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # the same tensor as model.embed_tokens.weight
+    dtype = next(iter(state.values())).dtype
+    with atomic_directory(path) as folder:
+        hf_config = config.to_hf_dict()
+        hf_config["torch_dtype"] = DTYPE_NAMES.get(dtype, "float32")
+        write_json(folder / "config.json", hf_config)
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+        if tokenizer is not None:
+            generation["eos_token_id"] = list(tokenizer.stop_token_ids) or config.eos_token_id
+            generation["pad_token_id"] = tokenizer.pad_token_id
+            tokenizer.save_pretrained(folder)
+        write_json(folder / "generation_config.json", generation)
+        if trainer_state is not None:
+            torch.save(trainer_state, folder / TRAINER_STATE_NAME)
+    return Path(path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as given, or a run folder's best/ (else last/) checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such folder")
+    if (path / "config.json").is_file():
+        return path
+    for name in ("best", "last"):
+        if (path / name / "config.json").is_file():
+            return path / name
+    raise CheckpointError(f"{path}: not a checkpoint folder (no config.json) nor a run folder "
+                          f"(no best/ or last/ checkpoint)")
+
+
+def load_config(folder: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint folder's config.json."""
+    file = Path(folder) / "config.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{file}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    try:
+        return ModelConfig.from_hf_dict(data)
+    except (UserError, TypeError) as error:
+        raise CheckpointError(f"{file}: {error}") from None
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Read model.safetensors (or the shards its index lists)."""
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as error:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({error})") from None
+    else:
+        files = [WEIGHTS_NAME]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({error})") from None
+    return state
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, attention: str = "sdpa") -> Qwen3ForCausalLM:
+    """Load a Hugging Face Qwen3 folder (ours or any other) into our model, in eval mode."""
+    folder = find_checkpoint(path)
+    config = load_config(folder)
+    state = load_weights(folder)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config, attention)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    weights_file = folder / WEIGHTS_NAME
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"{weights_file}: missing tensors {missing[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''} for the shape in config.json")
+    if unexpected:
+        raise CheckpointError(f"{weights_file}: unexpected tensors {unexpected[:5]}"
+                              f"{' ...' if len(unexpected) > 5 else ''}")
+    for name, shape in expected.items():
+        if state[name].shape != shape:
+            raise CheckpointError(f"{weights_file}: {name} has shape {tuple(state[name].shape)}, "
+                                  f"config.json implies {tuple(shape)}")
+    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb.reset_tables(device)
+    return model.eval()
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The trainer_state.pt of a checkpoint folder (for resuming)."""
+    file = Path(path) / TRAINER_STATE_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing; this checkpoint cannot be resumed")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for a damaged pickle
+        raise CheckpointError(f"{file}: unreadable ({error})") from None

@@ -1,0 +1,144 @@
+"""Muon: momentum, then Newton–Schulz orthogonalization of each hidden weight matrix's update.
+
+For a weight matrix W with gradient G, Muon keeps a momentum buffer M and steps along
+orthogonalize(M): the matrix U V^T from the SVD M = U S V^T, approximated with a few Newton–Schulz
+iterations instead of an SVD. Every singular direction of the update then moves by about the same
+amount, however unevenly the raw gradient was spread across them.
+
+Muon only makes sense for 2-D hidden matrices (attention and MLP projections); embeddings, the LM
+head and the norm gains go to AdamW. `split_parameters` makes that split and `build_optimizers`
+returns the optimizers a training run steps together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+# Quintic iteration X <- a X + b (X X^T) X + c (X X^T)^2 X. The coefficients maximize the slope at
+# zero so small singular values grow fast; the result has singular values in roughly [0.5, 1.5]
+# rather than exactly 1, which trains as well as the exact U V^T.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(grad: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> torch.Tensor:
+    """Approximately orthogonalize a 2-D matrix (returns bfloat16, same shape)."""
+    if grad.ndim != 2:
+        raise ValueError(f"Newton–Schulz needs a 2-D matrix, got shape {tuple(grad.shape)}")
+    a, b, c = coefficients
+    x = grad.bfloat16()
+    transposed = x.size(0) > x.size(1)
+    if transposed:  # iterate on the wide orientation: X X^T is then the smaller Gram matrix
+        x = x.T
+    # Dividing by the Frobenius norm bounds the spectral norm by 1, inside the iteration's basin.
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T                                       # (rows, rows)
+        polynomial = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
+        x = torch.addmm(x, polynomial, x, beta=a)            # a X + (b A + c A^2) X
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D parameters.
+
+    Per step, for each matrix W (rows x cols) with gradient G:
+        M <- momentum * M + (1 - momentum) * G
+        U <- (1 - momentum) * G + momentum * M   if nesterov else M
+        W <- W * (1 - lr * weight_decay) - lr * sqrt(max(1, rows / cols)) * NS(U)
+    The sqrt(rows/cols) factor keeps the update's RMS comparable for tall matrices.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 0.02,
+                 momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
+                 ns_steps: int = 5) -> None:
+        if lr < 0:
+            raise ValueError(f"lr must be non-negative, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
+        if ns_steps < 1:
+            raise ValueError(f"ns_steps must be at least 1, got {ns_steps}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        ns_steps=ns_steps)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon takes 2-D matrices only, got a parameter of shape "
+                                     f"{tuple(p.shape)}; give it to AdamW")
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_steps"])
+                rows, cols = p.shape
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, rows / cols)))
+        return loss
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """(muon, adamw_decay, adamw_no_decay): every trainable parameter lands in exactly one list.
+
+    Muon: 2-D matrices inside the decoder layers (q/k/v/o and gate/up/down projections).
+    AdamW with decay: the embedding and an untied LM head. AdamW without decay: norm gains, biases.
+    """
+    muon, decay, no_decay = [], [], []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # a tied matrix appears under two names
+            continue
+        seen.add(id(p))
+        if p.ndim == 2 and ".layers." in f".{name}":
+            muon.append(p)
+        elif p.ndim >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return muon, decay, no_decay
+
+
+def build_optimizers(model: nn.Module, optimizer: str = "muon", muon_lr: float = 0.01,
+                     adamw_lr: float = 3e-3, weight_decay: float = 0.0,
+                     betas: tuple[float, float] = (0.9, 0.95)) -> list[torch.optim.Optimizer]:
+    """Muon on hidden matrices plus AdamW on the rest, or AdamW on everything ("adamw").
+
+    Each param group records its peak learning rate under "initial_lr" for the LR schedule.
+    """
+    muon_params, decay, no_decay = split_parameters(model)
+    fused = next(model.parameters()).is_cuda or None  # fused AdamW on CUDA, foreach elsewhere
+    adamw_groups = [dict(params=decay, weight_decay=weight_decay),
+                    dict(params=no_decay, weight_decay=0.0)]
+    optimizers: list[torch.optim.Optimizer] = []
+    if optimizer == "muon":
+        optimizers.append(Muon(muon_params, lr=muon_lr, weight_decay=weight_decay))
+    elif optimizer == "adamw":
+        adamw_groups[0]["params"] = decay + muon_params
+    else:
+        raise ValueError(f"optimizer must be 'muon' or 'adamw', got {optimizer!r}")
+    adamw_groups = [g for g in adamw_groups if g["params"]]
+    optimizers.append(torch.optim.AdamW(adamw_groups, lr=adamw_lr, betas=betas, fused=fused))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
