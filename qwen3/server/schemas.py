@@ -1,0 +1,166 @@
+"""The request bodies of the OpenAI-compatible API, and the OpenAI error shape.
+
+Requests are validated strictly (a number sent as a string, a float where an integer belongs, NaN or
+an unknown role are refused) so a client learns about its mistake instead of getting a silently
+coerced answer. Range checks of the sampling values are left to `SamplingParams.validate`, the one
+place that knows them. Every failure becomes an `APIError`, which the app renders as
+`{"error": {"message", "type", "param", "code"}}` with its HTTP status.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class APIError(Exception):
+    """An error answered to the client in OpenAI's shape; never a traceback."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+class StrictModel(BaseModel):
+    # Unknown fields are ignored (clients send many optional ones); known ones must have their type.
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class GenerationRequest(StrictModel):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then three extras)."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0  # OpenAI's default; 0 is greedy
+    top_p: float = 1.0
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, lt=2**63)  # seed + choice index must fit a torch seed
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    # OpenAI options this server cannot honor: accepted at their neutral value, refused otherwise.
+    logprobs: bool | int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not stop for stop in stops):
+            raise APIError(400, "stop strings must not be empty", param="stop")
+        return stops
+
+    def refuse_unsupported(self) -> None:
+        for name, neutral in (("logprobs", (None, False, 0)), ("presence_penalty", (0.0,)),
+                              ("frequency_penalty", (0.0,)), ("logit_bias", (None, {}))):
+            if getattr(self, name) not in neutral:
+                raise APIError(400, f"'{name}' is not supported by this server", param=name,
+                               code="unsupported_parameter")
+
+
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions: one prompt, or a batch, as text or token ids."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: each a string or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            prompts: list[str | list[int]] = [prompt]
+        elif prompt and all(isinstance(item, int) for item in prompt):
+            prompts = [prompt]  # one prompt given as token ids
+        else:
+            prompts = list(prompt)
+        if not prompts:
+            raise APIError(400, "'prompt' must not be empty", param="prompt")
+        return prompts
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.echo or self.suffix or (self.best_of or 1) > 1:
+            name = "echo" if self.echo else "suffix" if self.suffix else "best_of"
+            raise APIError(400, f"'{name}' is not supported by this server", param=name,
+                           code="unsupported_parameter")
+
+
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(StrictModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def as_template_message(self) -> dict[str, str]:
+        """{"role", "content"} with text parts joined; "developer" is OpenAI's new name for system."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatRequest(GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    tools: list[Any] | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.tools:
+            raise APIError(400, "'tools' are not supported by this server", param="tools",
+                           code="unsupported_parameter")
+
+
+def parse_request(model: type[StrictModel], body: bytes) -> Any:
+    """Validate a JSON body against `model`; any problem is a 400 naming the parameter."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        raise validation_error(error) from None
+
+
+def validation_error(error: ValidationError) -> APIError:
+    first = error.errors(include_url=False)[0]
+    if first["type"] == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON ({first['msg']})")
+    location = first["loc"]
+    if not location:
+        return APIError(400, f"the request body must be a JSON object ({first['msg']})")
+    # The path of field names and list indices, without the union-branch tags pydantic adds
+    # (such as "str" or "list[int]"), e.g. messages[0].role.
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.isidentifier() and part not in ("str", "int", "float", "bool"):
+            path += f".{part}" if path else part
+        else:
+            break
+    if first["type"] == "missing":
+        return APIError(400, f"'{path}' is required", param=str(location[0]))
+    return APIError(400, f"invalid '{path}': {first['msg']}", param=str(location[0]))

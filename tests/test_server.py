@@ -1,0 +1,394 @@
+"""The HTTP server, driven through a real socket with the official `openai` client.
+
+A tiny random model and a small trained tokenizer are saved once per session; a server runs in a
+thread on a free 127.0.0.1 port. Greedy replies are compared with `Generator.generate` on the same
+model, alone and under 16 concurrent streams. That server's model is float64: batching only
+reorders floating-point sums, and in float64 a random model's argmax is not flipped by that, so
+"equal to the sequential result" can be checked exactly. The command-line test serves the float32
+checkpoint as users do and compares with `qwen3 generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from qwen3 import cli
+from qwen3.checkpoint import load_model, save_model
+from qwen3.config import ModelConfig
+from qwen3.generate import Generator, SamplingParams
+from qwen3.model import Qwen3ForCausalLM
+from qwen3.server.app import bind, create_app
+from qwen3.tokenizer import load_tokenizer, train_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_NAME = "tiny"
+CONTEXT = 192
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. A small model learns to write one token at a time.",
+    "In the beginning was the word, and the word was spoken softly by the river under the old bridge.",
+    "Servers answer many clients at once; a batch of sequences shares one pass over the weights.",
+    "Seven bakers baked bread at dawn, and the smell of it filled every street of the quiet town.",
+    "Numbers like 42, 1024 and 3.14159 appear in text too, with punctuation: commas, dots; colons!",
+] * 20
+
+
+def make_checkpoint(folder: Path) -> Path:
+    """Save a random tiny Qwen3 and a tokenizer trained on CORPUS as a checkpoint folder."""
+    tokenizer = train_tokenizer(CORPUS, vocab_size=512)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=CONTEXT, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    save_model(Qwen3ForCausalLM(config), folder, tokenizer=tokenizer)
+    return folder
+
+
+class ServerThread:
+    """uvicorn serving an app on a free 127.0.0.1 port from a background thread."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.listener = bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.listener]}, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("serve") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def model(checkpoint: Path) -> Qwen3ForCausalLM:
+    return load_model(checkpoint, dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(checkpoint: Path):
+    return load_tokenizer(checkpoint)
+
+
+@pytest.fixture(scope="session")
+def generator(model, tokenizer) -> Generator:
+    return Generator(model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def server(model, tokenizer) -> Iterator[ServerThread]:
+    with ServerThread(create_app(model, tokenizer, MODEL_NAME, max_batch=16)) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def client(server: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(max_tokens: int, **extra) -> dict:
+    return {"model": MODEL_NAME, "max_tokens": max_tokens, "temperature": 0, **extra}
+
+
+def reference(generator: Generator, prompt: str, max_tokens: int, **params):
+    return generator.generate(prompt, SamplingParams(max_new_tokens=max_tokens, temperature=0, **params))
+
+
+def test_health_models_and_page(server: ServerThread, client: openai.OpenAI) -> None:
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL_NAME
+    assert [m.id for m in client.models.list()] == [MODEL_NAME]
+    assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    for name in ("app.js", "style.css"):
+        assert httpx.get(f"{server.url}/static/{name}").status_code == 200
+    # The page loads nothing from elsewhere.
+    assert "http" not in page.text.replace(server.url, "")
+
+
+def test_chat_matches_generate(client: openai.OpenAI, generator: Generator, tokenizer) -> None:
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fox."}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    expected = reference(generator, prompt, 40)
+
+    reply = client.chat.completions.create(messages=messages, **greedy(40))
+    assert reply.object == "chat.completion" and reply.model == MODEL_NAME and reply.id
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert reply.usage.prompt_tokens == len(tokenizer.encode(prompt)) == expected.prompt_tokens
+    assert reply.usage.completion_tokens == expected.completion_tokens
+    assert reply.usage.total_tokens == expected.prompt_tokens + expected.completion_tokens
+
+    chunks = list(client.chat.completions.create(messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}, **greedy(40)))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == expected.completion_tokens
+
+
+def test_completions_match_generate(client: openai.OpenAI, generator: Generator) -> None:
+    prompt = "The quick brown fox"
+    expected = reference(generator, prompt, 30)
+    reply = client.completions.create(prompt=prompt, **greedy(30))
+    assert reply.object == "text_completion"
+    assert reply.choices[0].text == expected.text
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (
+        expected.prompt_tokens, expected.completion_tokens)
+
+    chunks = list(client.completions.create(prompt=prompt, stream=True, **greedy(30)))
+    assert "".join(c.choices[0].text for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == expected.finish_reason
+
+    # max_tokens counts every token, and a length finish says so.
+    short = client.completions.create(prompt=prompt, **greedy(3))
+    assert short.usage.completion_tokens <= 3
+    if short.usage.completion_tokens == 3:
+        assert short.choices[0].finish_reason == "length"
+
+
+def test_seeded_sampling_and_n(client: openai.OpenAI, generator: Generator) -> None:
+    prompt = "Seven bakers"
+    # top_k is one of the extras: the openai client sends it through extra_body.
+    sampled = dict(model=MODEL_NAME, max_tokens=20, temperature=1.0, top_p=0.9, extra_body={"top_k": 50})
+    expected = [generator.generate(prompt, SamplingParams(max_new_tokens=20, temperature=1.0, top_k=50,
+                                                          top_p=0.9, seed=seed)).text for seed in (5, 6)]
+    reply = client.completions.create(prompt=prompt, seed=5, n=2, **sampled)
+    assert [c.index for c in reply.choices] == [0, 1]
+    # Choice i of a seeded request is what seed + i gives alone.
+    assert [c.text for c in reply.choices] == expected
+    # Several prompts: choices are numbered prompt-major.
+    batch = client.completions.create(prompt=[prompt, prompt], seed=5, **sampled)
+    assert [c.text for c in sorted(batch.choices, key=lambda c: c.index)] == [expected[0], expected[0]]
+
+
+def test_stop_strings(client: openai.OpenAI, generator: Generator) -> None:
+    prompt = "In the beginning"
+    full = reference(generator, prompt, 40).text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop, f"the reference text is too short to pick a stop string from: {full!r}"
+    expected = full[:full.index(stop)]
+    reply = client.completions.create(prompt=prompt, stop=stop, **greedy(40))
+    assert reply.choices[0].text == expected and reply.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(prompt=prompt, stop=[stop, "\x00never"], stream=True, **greedy(40)))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert reference(generator, prompt, 40, stop=[stop]).text == expected
+
+
+def test_concurrent_streams_match_sequential(server: ServerThread, generator: Generator) -> None:
+    prompts = [f"{CORPUS[i % 5][:12 + 3 * i]}" for i in range(16)]
+    lengths = [24 + 5 * (i % 4) for i in range(16)]  # different lengths: rows leave at different steps
+    expected = [reference(generator, p, n).text for p, n in zip(prompts, lengths)]
+    scheduler = server.app.state.scheduler
+    peak = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, scheduler.running)
+            time.sleep(0.002)
+
+    def run(i: int) -> str:
+        with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+            stream = c.completions.create(prompt=prompts[i], stream=True, **greedy(lengths[i]))
+            return "".join(chunk.choices[0].text for chunk in stream)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(run, range(16)))
+    finally:
+        done.set()
+        watcher.join()
+    assert results == expected
+    assert peak > 1, "the requests were never batched together"
+
+
+BAD_REQUESTS = [
+    # (path, body, status, param or None)
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "word " * (CONTEXT + 10)}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": CONTEXT}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "x " * CONTEXT}]},
+     400, "messages"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": 12}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": [10 ** 9]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "n": 1000}, 400, "n"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"model": "gpt-4o", "prompt": "hi"}, 404, "model"),
+    ("/v1/completions", {"prompt": "hi"}, 400, "model"),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "robot", "content": "hi"}]},
+     400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [', 400, None),
+    ("/v1/chat/completions", b"[1, 2]", 400, None),
+    ("/v1/chat/completions", b"\xff\xfe", 400, None),
+    ("/v1/nothing", {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD_REQUESTS,
+                         ids=[f"{i}-{r[0].rsplit('/', 1)[-1]}-{r[2]}" for i, r in enumerate(BAD_REQUESTS)])
+def test_bad_input_gets_an_openai_error(server: ServerThread, path: str, body, status: int, param) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_bad_input_through_the_client(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=CONTEXT + 1)
+    assert caught.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_full_queue_and_disconnect(tokenizer) -> None:
+    # A wider model than the tiny one, so that a generation lasts a second or more, not milliseconds.
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(ModelConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=CONTEXT,
+        tie_word_embeddings=False)).eval()
+    app = create_app(model, tokenizer, MODEL_NAME, max_batch=1, max_queue=1)
+    long = {"model": MODEL_NAME, "prompt": "The", "max_tokens": CONTEXT - 10, "temperature": 0,
+            "stream": True}
+    with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        scheduler = app.state.scheduler
+        with http.stream("POST", "/v1/completions", json=long) as first:
+            # Keep the iterator: dropping it would close the connection (a disconnect) at once.
+            lines = first.iter_lines()
+            assert next(lines).startswith("data: ")  # it is running
+            with http.stream("POST", "/v1/completions", json=long) as second:
+                assert second.status_code == 200  # it waits in the queue
+                third = http.post("/v1/completions", json={**long, "stream": False})
+                assert third.status_code == 429, third.text
+                assert third.json()["error"]["code"] == "queue_full" and third.headers["retry-after"]
+        # Both clients left before their generations finished: the scheduler drops them and idles.
+        deadline = time.monotonic() + 30
+        while scheduler.stats()["cancelled"] < 2 or scheduler.running or scheduler.waiting:
+            assert time.monotonic() < deadline, scheduler.stats()
+            time.sleep(0.01)
+        assert http.get("/health").json()["status"] == "ok"
+        after = http.post("/v1/completions", json={**long, "stream": False, "max_tokens": 2})
+        assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_api_key(model, tokenizer) -> None:
+    with ServerThread(create_app(model, tokenizer, MODEL_NAME, api_key="s3cret")) as server:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            response = httpx.get(f"{server.url}/v1/models", headers=headers)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).completions.create(
+                model=MODEL_NAME, prompt="hi", max_tokens=2)
+        good = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2).choices
+        # The page and the health check stay open; the page asks for the key itself.
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        assert httpx.get(f"{server.url}/").status_code == 200
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_cli_serve_matches_cli_generate(checkpoint: Path) -> None:
+    """`qwen3 serve` (float32, as users run it) answers what `qwen3 generate` prints."""
+    prompt, max_tokens = "Numbers like", 25
+    # Both on the CPU in float32 (on a GPU machine `serve` would pick the GPU and bfloat16).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    port = free_port()
+    serving = subprocess.Popen([sys.executable, "-m", "qwen3", "serve", str(checkpoint), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        generated = subprocess.run(
+            [sys.executable, "-m", "qwen3", "generate", str(checkpoint), "--prompt", prompt,
+             "--max-new-tokens", str(max_tokens), "--temperature", "0"],
+            capture_output=True, text=True, env=env, timeout=120)
+        assert generated.returncode == 0, generated.stderr
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/health")
+                break
+            except httpx.TransportError:
+                assert serving.poll() is None, serving.stdout.read()
+                assert time.monotonic() < deadline, "qwen3 serve did not start"
+                time.sleep(0.1)
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = api.completions.create(prompt=prompt, **greedy(max_tokens))
+        assert reply.choices[0].text == generated.stdout
+    finally:
+        serving.terminate()
+        serving.wait(timeout=30)
+
+
+def test_serve_script_without_a_checkpoint(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "serve_qwen3.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "python train_qwen3.py" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_serve_taken_port(checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["serve", str(checkpoint), "--port", str(taken.getsockname()[1])])
+    assert exit_info.value.code == 2
+    assert "--port" in capsys.readouterr().err
