@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen3.generate import SamplingParams, _Sequence, sample_next_tokens
+from qwen3.generate import SamplingParams, SequenceState, sample_next_tokens
 from qwen3.model import KVCache, Qwen3ForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class Job:
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer, device: torch.device,
                  index: int, events: asyncio.Queue[Event], loop: asyncio.AbstractEventLoop) -> None:
-        self.state = _Sequence(prompt_ids, params, params.max_new_tokens, tokenizer, device)
+        self.state = SequenceState(prompt_ids, params, params.max_new_tokens, tokenizer, device)
         self.index = index
         self.events = events
         self.loop = loop

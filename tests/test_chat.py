@@ -1,0 +1,199 @@
+"""The demo and the interactive chat, driven the way a person at a terminal drives them."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen3.chat import DEMO_PROMPTS, ChatSession, run_chat, run_demo
+from qwen3.errors import UserError
+from qwen3.generate import Generator, SamplingParams, load_generator
+from test_generate import build_checkpoint
+
+REPLY = SamplingParams(temperature=0, max_new_tokens=6)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+CHAT = [sys.executable, "-m", "qwen3", "chat", "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("chat") / "ckpt", context=256)
+
+
+@pytest.fixture(scope="module")
+def generator(folder: Path) -> Generator:
+    return load_generator(folder, device="cpu")
+
+
+def expected_replies(generator: Generator, turns: list[str]) -> list[str]:
+    """What the model answers to each turn, given the whole conversation before it."""
+    messages, replies = [], []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        prompt = generator.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        replies.append(generator.generate(prompt, REPLY).text)
+        messages.append({"role": "assistant", "content": replies[-1]})
+    return replies
+
+
+def test_multi_turn_chat_over_a_pipe(folder: Path, generator: Generator) -> None:
+    turns = ["In the beginning", "And God said"]
+    result = subprocess.run([*CHAT, str(folder)], input="\n".join(turns) + "\n/prompt\n",
+                            capture_output=True, text=True, encoding="utf-8", timeout=120, env=ENV)
+    assert result.returncode == 0, result.stderr
+    first, second = expected_replies(generator, turns)
+    # The second reply is the model's answer to the whole history, not to the second turn alone.
+    alone = generator.generate(generator.tokenizer.apply_chat_template(
+        [{"role": "user", "content": turns[1]}]), REPLY).text
+    assert second != alone
+    assert f"bot> {first}\n" in result.stdout and f"bot> {second}\n" in result.stdout
+    shown = result.stdout.split("you> ")[3]  # the answer to /prompt
+    assert f"<|im_start|>user\n{turns[0]}<|im_end|>" in shown and f"user\n{turns[1]}" in shown
+    assert result.stdout.endswith("bye\n")  # end of input (Ctrl-D) leaves cleanly
+
+
+class Terminal:
+    """A child process on a pseudo-terminal, read and typed into as a person would."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: becomes the program, the pty its controlling terminal
+            os.execve(argv[0], argv, ENV)
+        self.output = ""
+
+    def read_until(self, text: str, timeout: float = 90.0) -> str:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"timed out waiting for {text!r}; got {self.output!r}")
+            try:
+                chunk = os.read(self.fd, 4096)
+            except OSError:  # the child closed the terminal
+                chunk = b""
+            if not chunk:
+                raise AssertionError(f"terminal closed before {text!r}; got {self.output!r}")
+            self.output += chunk.decode("utf-8", errors="replace")
+        found, self.output = self.output.split(text, 1)[0] + text, self.output.split(text, 1)[1]
+        return found
+
+    def type(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def exit_code(self, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError("the chat did not exit")
+
+
+def test_chat_in_a_terminal_remembers_and_exits_on_ctrl_d(folder: Path, generator: Generator) -> None:
+    terminal = Terminal([*CHAT, str(folder)])
+    terminal.read_until("you> ")
+    first, second = expected_replies(generator, ["Let there be light", "and there was"])
+    terminal.type("Let there be light\n")
+    assert f"bot> {first}" in terminal.read_until("you> ")
+    terminal.type("/set temperature 0.5\n")
+    assert "temperature = 0.5" in terminal.read_until("you> ")
+    terminal.type("/set temperature 0\n")
+    terminal.read_until("you> ")
+    terminal.type("and there was\n")
+    assert f"bot> {second}" in terminal.read_until("you> ")
+    terminal.type("\x04")  # Ctrl-D on an empty line
+    terminal.read_until("bye")
+    assert terminal.exit_code() == 0
+
+
+def test_ctrl_c_leaves_the_chat_cleanly(folder: Path) -> None:
+    terminal = Terminal([*CHAT, str(folder)])
+    terminal.read_until("you> ")
+    # Ctrl-C: the terminal sends SIGINT. One that lands between the prompt being printed and
+    # readline waiting for input is only noticed at the next signal, so press again as a person would.
+    for attempt in range(5):
+        terminal.type("\x03")
+        try:
+            terminal.read_until("bye", timeout=10)
+            break
+        except AssertionError:
+            if attempt == 4:
+                raise
+    assert terminal.exit_code() == 0
+    assert "Traceback" not in terminal.output
+
+
+def test_history_is_trimmed_to_fit_the_context(generator: Generator) -> None:
+    session = ChatSession(generator, SamplingParams(temperature=0, max_new_tokens=100))
+    for turn in range(12):
+        "".join(session.reply(f"turn {turn}: The LORD is my shepherd; I shall not want."))
+        prompt_tokens = generator.last_completion.prompt_tokens
+        assert prompt_tokens == len(generator.encode_prompt(session.last_prompt))  # nothing cropped
+        assert prompt_tokens + min(100, generator.max_context // 2) <= generator.max_context
+    assert session.messages[-2]["content"].startswith("turn 11")
+    assert not any(m["content"].startswith("turn 0:") for m in session.messages)  # forgotten
+    session.reset()
+    assert session.messages == []
+
+
+def test_commands(generator: Generator) -> None:
+    session = ChatSession(generator, SamplingParams())
+    assert "/reset" in session.command("/help")
+    assert session.command("/set top_p 2") == "top_p must be in (0, 1], got 2.0"
+    assert session.command("/set top_k many") == "top_k needs a number, got 'many'"
+    assert session.command("/set seed 4") == "(seed = 4)" and session.params.seed == 4
+    assert session.command("/set seed none") == "(seed = None)"
+    assert "usage" in session.command("/set color blue")
+    assert "top_p=1.0" in session.command("/show")
+    assert "unknown command" in session.command("/frobnicate")
+    assert session.command("/quit") is None
+    session.command("/system Answer in verse.")
+    "".join(session.reply("Hi"))
+    assert session.last_prompt.startswith("<|im_start|>system\nAnswer in verse.<|im_end|>")
+    session.command("/mode plain")
+    "".join(session.reply("Next"))
+    assert session.last_prompt.startswith("Hi") and session.last_prompt.endswith("\nNext")
+
+
+def test_run_chat_with_text_streams(folder: Path) -> None:
+    output = io.StringIO()
+    run_chat(folder, REPLY, input_stream=io.StringIO("Hello\n/reset\n/quit\n"), output_stream=output,
+             device="cpu")
+    text = output.getvalue()
+    assert text.count("bot> ") == 1 and "(conversation cleared)" in text and text.endswith("bye\n")
+
+
+def test_demo_continues_the_five_prompts(folder: Path) -> None:
+    output = io.StringIO()
+    run_demo(folder, SamplingParams(max_new_tokens=4, seed=0), device="cpu", output_stream=output)
+    text = output.getvalue()
+    assert [line.split("] ", 1)[1].startswith(prompt)
+            for line, prompt in zip(text.strip().split("\n\n"), DEMO_PROMPTS)] == [True] * 5
+
+
+def test_no_checkpoint_says_how_to_train_one(tmp_path: Path) -> None:
+    for run in (run_demo, run_chat):
+        with pytest.raises(UserError, match="python train_qwen3.py"):
+            run(tmp_path / "runs" / "seed")

@@ -1,0 +1,281 @@
+"""Generation: parity with transformers, cache and batch consistency, sampling, stops, streaming, CLI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen3.checkpoint import save_model
+from qwen3.config import ModelConfig
+from qwen3.errors import UserError
+from qwen3.generate import (
+    Generator,
+    IncrementalDecoder,
+    SamplingParams,
+    StopChecker,
+    load_generator,
+    sample_next_tokens,
+)
+from qwen3.model import Qwen3ForCausalLM
+from qwen3.tokenizer import load_tokenizer, train_tokenizer
+
+CORPUS = """In the beginning God created the heaven and the earth.
+And the earth was without form, and void; and darkness was upon the face of the deep.
+And God said, Let there be light: and there was light.
+The LORD is my shepherd; I shall not want.
+"""
+GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
+
+
+def build_checkpoint(folder: Path, context: int = 128) -> Path:
+    """A small random model of ours with a tokenizer trained on CORPUS. The large initializer
+    spreads the logits so greedy choices are far from ties."""
+    tokenizer = train_tokenizer([CORPUS] * 4, vocab_size=400)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=context, initializer_range=0.25)
+    save_model(Qwen3ForCausalLM(config), folder, tokenizer=tokenizer)
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Decoding a tiny model is latency-bound: extra threads only wait for each other (and on a
+    shared machine for the CPU), making these tests many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("gen") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def generator(folder: Path) -> Generator:
+    return load_generator(folder, device="cpu")
+
+
+def transformers_greedy(folder: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    input_ids = torch.tensor([prompt_ids])
+    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                            max_new_tokens=max_new_tokens)
+    return output[0, len(prompt_ids):].tolist()
+
+
+def test_greedy_matches_transformers_on_our_checkpoint(folder: Path, generator: Generator) -> None:
+    for prompt in ("In the beginning", "The LORD is"):
+        ids = generator.tokenizer.encode(prompt)
+        ours = generator.generate(ids, GREEDY).token_ids
+        assert ours == transformers_greedy(folder, ids, GREEDY.max_new_tokens)
+
+
+def test_greedy_matches_transformers_on_another_shape(tmp_path: Path, folder: Path) -> None:
+    """A transformers-initialized Qwen3: head_dim != hidden/heads, one KV head, untied LM head."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = load_tokenizer(folder)
+    config = transformers.Qwen3Config(
+        vocab_size=tokenizer.vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=24, max_position_embeddings=96,
+        tie_word_embeddings=False, rope_theta=50000.0, initializer_range=0.2,
+        eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(1)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    generator = load_generator(tmp_path, device="cpu")
+    assert not generator.model.config.tie_word_embeddings and generator.model.config.head_dim == 24
+    ids = tokenizer.encode("And God said")
+    ours = generator.generate(ids, GREEDY).token_ids
+    assert ours == transformers_greedy(tmp_path, ids, GREEDY.max_new_tokens)
+
+
+def test_cached_decoding_equals_recomputing(generator: Generator) -> None:
+    ids = generator.tokenizer.encode("And the earth")
+    cached = generator.generate(ids, GREEDY).token_ids
+    sequence = list(ids)
+    with torch.inference_mode():
+        for _ in range(len(cached)):
+            logits = generator.model(torch.tensor([sequence]))[0, -1]
+            sequence.append(int(logits.argmax()))
+    assert cached == sequence[len(ids):]
+
+
+def test_batched_equals_one_by_one(generator: Generator) -> None:
+    prompts = ["In", "And God said, Let there be light", "The LORD is my", [5, 6, 7, 8, 9, 10, 11]]
+    batched = generator.generate_batch(prompts, GREEDY)
+    for prompt, completion in zip(prompts, batched):
+        single = generator.generate(prompt, GREEDY)
+        assert completion.token_ids == single.token_ids
+        assert completion.text == single.text
+        assert completion.prompt_tokens == single.prompt_tokens
+
+
+def test_batch_takes_per_prompt_params(generator: Generator) -> None:
+    short = SamplingParams(temperature=0, max_new_tokens=3)
+    batched = generator.generate_batch(["In the", "And"], [short, GREEDY])
+    assert [c.completion_tokens for c in batched] == [3, GREEDY.max_new_tokens]
+    assert batched[0].finish_reason == "length"
+    with pytest.raises(UserError, match="2 prompts but 1"):
+        generator.generate_batch(["a", "b"], [short])
+
+
+def test_same_seed_gives_the_same_sample(generator: Generator) -> None:
+    def sample(seed: int) -> list[int]:
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=seed, max_new_tokens=20)
+        return generator.generate("In the beginning", params).token_ids
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+    batch = generator.generate_batch(["a", "b"], SamplingParams(temperature=1.0, seed=3, max_new_tokens=8))
+    again = generator.generate_batch(["a", "b"], SamplingParams(temperature=1.0, seed=3, max_new_tokens=8))
+    assert [c.token_ids for c in batch] == [c.token_ids for c in again]
+
+
+def test_sampling_filters() -> None:
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(400, 1)
+    previous = [[]] * 400
+
+    def draw(**fields: float) -> set[int]:
+        params = [SamplingParams(temperature=1.0, **fields)] * 400
+        return set(sample_next_tokens(logits, params, [None] * 400, previous).tolist())
+
+    assert draw() == {0, 1, 2, 3, 4}
+    assert draw(top_k=2) == {0, 1}
+    assert draw(top_p=0.5) == {0}  # p(token 0) = 0.64 already reaches 0.5
+    assert draw(top_p=0.8) == {0, 1}  # 0.64 + 0.24
+    assert draw(min_p=0.3) == {0, 1}  # p1 / p0 = e^-1 = 0.37; p2 / p0 = 0.14
+    row = logits[:1]
+    greedy = SamplingParams(temperature=0)
+    assert sample_next_tokens(row, [greedy], [None], [[]]).tolist() == [0]
+    penalized = SamplingParams(temperature=0, repetition_penalty=2.0)
+    assert sample_next_tokens(row, [penalized], [None], [[0]]).tolist() == [1]  # 3/2 < 2
+    # Greedy and sampled rows mix in one batch; a generator makes its row reproducible.
+    mixed = [greedy, SamplingParams(temperature=1.0)]
+    rngs = [None, torch.Generator().manual_seed(0)]
+    first = sample_next_tokens(logits[:2], mixed, rngs, [[], []])
+    rngs = [None, torch.Generator().manual_seed(0)]
+    assert torch.equal(sample_next_tokens(logits[:2], mixed, rngs, [[], []]), first)
+    assert first[0] == 0
+
+
+def test_sampling_params_validation() -> None:
+    for field, value in [("top_p", 0.0), ("temperature", -1), ("top_k", -2), ("max_new_tokens", 0),
+                         ("min_p", 2.0), ("repetition_penalty", 0), ("seed", "x"), ("stop", "end")]:
+        with pytest.raises(UserError, match=field):
+            SamplingParams(**{field: value}).validate()
+    assert SamplingParams.from_dict({"temperature": 0, "other": 1}).temperature == 0
+
+
+def test_stop_string_ends_the_text_before_it(generator: Generator) -> None:
+    full = generator.generate("In the beginning", GREEDY)
+    start = next(i for i in range(4, len(full.text) - 3) if "\ufffd" not in full.text[i:i + 3])
+    stop = full.text[start:start + 3]
+    stopped = generator.generate("In the beginning", SamplingParams(temperature=0, max_new_tokens=24, stop=[stop]))
+    assert stopped.text == full.text[:full.text.index(stop)]
+    assert stopped.finish_reason == "stop"
+    streamed = "".join(generator.stream("In the beginning", SamplingParams(temperature=0, stop=[stop])))
+    assert streamed == stopped.text
+
+
+def test_stop_token_ends_generation(generator: Generator) -> None:
+    full = generator.generate("And", GREEDY)
+    stop_id = full.token_ids[3]
+    stopped = generator.generate("And", SamplingParams(temperature=0, max_new_tokens=24, stop_token_ids=[stop_id]))
+    assert stopped.token_ids == full.token_ids[:full.token_ids.index(stop_id) + 1]
+    assert stopped.finish_reason == "stop"
+    assert full.finish_reason == "length" and full.completion_tokens == GREEDY.max_new_tokens
+
+
+def test_stop_checker_holds_back_a_possible_start() -> None:
+    checker = StopChecker(["\nUser:", "END"])
+    assert checker.push("Hello\nUs") == ("Hello", False)
+    assert checker.push("ual") == ("\nUsual", False)
+    assert checker.push(" fine E") == (" fine ", False)
+    assert checker.push("ND of it") == ("", True)
+    checker = StopChecker(["END"])
+    assert checker.push("almost EN") == ("almost ", False)
+    assert checker.flush() == "EN"
+    assert StopChecker([]).push("anything") == ("anything", False)
+
+
+def test_streaming_never_splits_a_multibyte_character(generator: Generator) -> None:
+    tokenizer = generator.tokenizer
+    text = "Grüße 😀 日本語 ok"  # none of it in the tokenizer's corpus: byte-level pieces
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text)  # characters really are split across tokens
+    decoder = IncrementalDecoder(tokenizer)
+    pieces = [decoder.push(token) for token in ids] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    # Through the generator: the pieces are the completion's text.
+    pieces = list(generator.stream("In", SamplingParams(temperature=0, max_new_tokens=30)))
+    assert "".join(pieces) == generator.last_completion.text
+
+
+def test_long_prompt_is_cropped_with_a_warning(generator: Generator, caplog: pytest.LogCaptureFixture) -> None:
+    context = generator.max_context
+    long_prompt = list(range(10, 10 + 2 * context))
+    with caplog.at_level(logging.WARNING, logger="qwen3.generate"):
+        completion = generator.generate(long_prompt, SamplingParams(temperature=0, max_new_tokens=10))
+    assert completion.prompt_tokens == context - 1
+    assert completion.completion_tokens == 1  # limited so prompt + completion fit the context
+    assert "keeping its last" in caplog.text and "max_new_tokens limited" in caplog.text
+    cropped = generator.generate(long_prompt[-(context - 1):], SamplingParams(temperature=0, max_new_tokens=1))
+    assert cropped.token_ids == completion.token_ids
+
+
+def test_bad_prompt_ids_are_a_user_error(generator: Generator) -> None:
+    with pytest.raises(UserError, match="token ids"):
+        generator.generate([10**9], GREEDY)
+
+
+def test_int8_quantization(folder: Path, generator: Generator) -> None:
+    quantized = load_generator(folder, device="cpu", quantize="int8")
+    assert type(quantized.model.lm_head).__module__.startswith("torch.ao.nn.quantized")
+    ids = torch.tensor([generator.tokenizer.encode(CORPUS)])
+    with torch.inference_mode():
+        exact, approximate = generator.model(ids), quantized.model(ids)
+    # This random model's large weights make it sensitive; most predictions still agree.
+    assert (exact.argmax(-1) == approximate.argmax(-1)).float().mean() > 0.8
+    assert quantized.generate("In", GREEDY).completion_tokens == GREEDY.max_new_tokens
+    with pytest.raises(UserError, match="int8"):
+        load_generator(folder, device="cpu", quantize="int4")
+
+
+@pytest.mark.slow
+def test_compiled_decoding_matches_eager(folder: Path, generator: Generator) -> None:
+    compiled = load_generator(folder, device="cpu", compile=True)
+    for prompt in ("In the", "And God said, Let there"):  # one compiled graph serves every length
+        assert compiled.generate(prompt, GREEDY).token_ids == generator.generate(prompt, GREEDY).token_ids
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qwen3", *args], capture_output=True, text=True,
+                          encoding="utf-8", timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_generate_streams_only_the_text(folder: Path, generator: Generator) -> None:
+    result = run_cli("generate", str(folder), "--prompt", "In the beginning", "--temperature", "0",
+                     "--max-new-tokens", "12", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    expected = generator.generate("In the beginning", SamplingParams(temperature=0, max_new_tokens=12))
+    assert result.stdout == expected.text
+
+
+def test_cli_generate_missing_folder_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("generate", str(tmp_path / "nothing"), "--prompt", "x")
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "no such folder" in result.stderr
