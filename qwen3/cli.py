@@ -14,27 +14,91 @@ from qwen3.errors import UserError
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    raise UserError("prepare is not available yet")
+    from qwen3.config import TrainConfig
+    from qwen3.data import prepare
+
+    defaults = TrainConfig()
+    data = prepare(args.data, tokenizer=args.tokenizer or "",
+                   vocab_size=args.vocab_size or defaults.tokenizer_vocab_size,
+                   val_fraction=defaults.val_fraction, cache_dir=defaults.cache_dir)
+    s = data.summary
+    print(f"sources:        {', '.join(s['sources'])}")
+    print(f"documents:      {s['documents']:,} ({s['train_documents']:,} train, {s['val_documents']:,} validation)")
+    print(f"bytes:          {s['bytes']:,} ({s['train_bytes']:,} train, {s['val_bytes']:,} validation)")
+    print(f"tokens:         {s['tokens']:,} ({s['train_tokens']:,} train, {s['val_tokens']:,} validation)")
+    print(f"bytes/token:    {s['bytes_per_token']:.3f} (vocabulary {s['vocab_size']:,}, stored as {s['dtype']})")
+    print(f"tokenizer:      {s['tokenizer_path']} ({'trained now' if s['tokenizer_trained'] else 'reused'})")
+    print(f"token store:    {s['cache_dir']} ({'reused from the cache' if s['reused'] else 'built now'})")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    raise UserError("train is not available yet")
+    import os
+    from pathlib import Path
+
+    from qwen3.config import apply_overrides, load_toml, parse_set_arguments, resolve
+    from qwen3.train import resume_configs, train
+
+    # The dedicated flags win over --set, which wins over the TOML file, which wins over the preset
+    # (or, with --resume, over the resumed run's saved configs).
+    flags = {name: value for name, value in (
+        ("data", args.data), ("out_dir", args.out), ("max_steps", args.max_steps),
+        ("optimizer", args.optimizer), ("compile", args.compile)) if value is not None}
+    if args.resume:
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise UserError("--out cannot differ from --resume: a resumed run continues in its own folder")
+        overrides = {**(load_toml(args.config) if args.config else {}),
+                     **parse_set_arguments(args.set), **flags}
+        model_config, train_config = resume_configs(args.resume, overrides)
+    else:
+        model_config, train_config = resolve(args.preset, args.config, args.set)
+        model_config, train_config = apply_overrides(model_config, train_config, flags)
+    result = train(model_config, train_config, resume=bool(args.resume))
+    if result.interrupted:
+        sys.exit(130)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return
+    if result.final_eval is not None:
+        print(f"step {result.step}: validation {result.final_eval.summary()}")
+    print(f"best checkpoint: {result.out_dir / 'best'} (validation loss {result.best_val_loss:.4f})")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    raise UserError("eval is not available yet")
+    from qwen3.evaluate import evaluate_checkpoint
+
+    result, info = evaluate_checkpoint(args.dir, args.data)
+    print(f"checkpoint:   {info['checkpoint']}")
+    print(f"data:         {', '.join(info['sources'])} (validation split, windows of {info['seq_len']})")
+    print(f"loss:         {result.loss:.4f} nats/token")
+    print(f"accuracy:     {result.accuracy:.2%}")
+    print(f"perplexity:   {result.perplexity:.2f}")
+    print(f"bits/byte:    {result.bits_per_byte:.4f}")
+    print(f"tokens:       {result.tokens:,}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    raise UserError("generate is not available yet")
+    from qwen3.generate import SamplingParams, load_generator
+
+    params = SamplingParams.from_dict(vars(args))
+    generator = load_generator(args.dir, device=args.device, quantize=args.quantize, compile=args.compile)
+    for piece in generator.stream(args.prompt, params):  # the generated text alone, as it comes
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    raise UserError("chat is not available yet")
+    from qwen3.chat import run_chat
+    from qwen3.generate import SamplingParams
+
+    run_chat(args.dir, SamplingParams.from_dict(vars(args)), device=args.device,
+             quantize=args.quantize, compile=args.compile)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    raise UserError("serve is not available yet")
+    from qwen3.server.app import serve
+
+    serve(args.dir, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -160,6 +160,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto, float32, bfloat16, float16
     compile: bool = False
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    peak_flops: float = 0.0  # FLOP/s that MFU is reported against; 0: a GPU table, else a matmul probe
 
     def __post_init__(self) -> None:
         self.validate()
@@ -179,7 +180,7 @@ class TrainConfig:
         for name in ("muon_lr", "adamw_lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip"):
+        for name in ("weight_decay", "grad_clip", "peak_flops"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

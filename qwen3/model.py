@@ -77,6 +77,18 @@ class RotaryEmbedding(nn.Module):
                              f"({self.max_positions})")
         return self.cos[position_ids].unsqueeze(1).to(dtype), self.sin[position_ids].unsqueeze(1).to(dtype)
 
+    def span(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (1, 1, length, D) for the consecutive positions start .. start + length - 1.
+
+        The same values as `forward` for those positions, but by slicing: no gather and no read of
+        device memory to check the range (a host sync on GPUs, a graph break under torch.compile).
+        """
+        if start + length > self.max_positions:
+            raise ValueError(f"position {start + length - 1} is beyond max_position_embeddings "
+                             f"({self.max_positions})")
+        end = start + length
+        return self.cos[None, None, start:end].to(dtype), self.sin[None, None, start:end].to(dtype)
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
@@ -227,10 +239,11 @@ class Qwen3Model(nn.Module):
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        if position_ids is None:  # positions past .. past + T - 1 in every row
+            cos, sin = self.rotary_emb.span(past, T, x.dtype)
+        else:
+            cos, sin = self.rotary_emb(position_ids, x.dtype)
         mask = build_attention_mask(attention_mask, T, past, input_ids.device)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, kv_cache)

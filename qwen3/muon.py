@@ -12,6 +12,7 @@ returns the optimizers a training run steps together.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -24,13 +25,28 @@ from torch import nn
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
+def native_bfloat16(device: torch.device | str) -> bool:
+    """Whether bfloat16 matmuls run at full speed on `device`.
+
+    True on GPUs and on CPUs with AVX512-BF16 or AMX. Elsewhere (e.g. AVX2-only CPUs) oneDNN
+    emulates them: measured 0.7 GFLOP/s in bfloat16 against 143 GFLOP/s in float32 on a 2-core EPYC.
+    """
+    return torch.device(device).type != "cpu" or _cpu_native_bfloat16()
+
+
+@functools.cache
+def _cpu_native_bfloat16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def newton_schulz(grad: torch.Tensor, steps: int = 5, eps: float = 1e-7,
                   coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> torch.Tensor:
-    """Approximately orthogonalize a 2-D matrix (returns bfloat16, same shape)."""
+    """Approximately orthogonalize a 2-D matrix (same shape; bfloat16, or float32 on a device
+    without fast bfloat16 matmuls, where float32 is both faster and more accurate)."""
     if grad.ndim != 2:
         raise ValueError(f"Newton–Schulz needs a 2-D matrix, got shape {tuple(grad.shape)}")
     a, b, c = coefficients
-    x = grad.bfloat16()
+    x = grad.to(torch.bfloat16 if native_bfloat16(grad.device) else torch.float32)
     transposed = x.size(0) > x.size(1)
     if transposed:  # iterate on the wide orientation: X X^T is then the smaller Gram matrix
         x = x.T
@@ -126,7 +142,9 @@ def build_optimizers(model: nn.Module, optimizer: str = "muon", muon_lr: float =
     Each param group records its peak learning rate under "initial_lr" for the LR schedule.
     """
     muon_params, decay, no_decay = split_parameters(model)
-    fused = next(model.parameters()).is_cuda or None  # fused AdamW on CUDA, foreach elsewhere
+    # Fused AdamW exists for CPU and CUDA tensors; on one CPU core it measured ~2 ms per seed-model
+    # step against ~9.5 ms for the per-parameter loop and the foreach version.
+    fused = next(model.parameters()).device.type in ("cpu", "cuda") or None
     adamw_groups = [dict(params=decay, weight_decay=weight_decay),
                     dict(params=no_decay, weight_decay=0.0)]
     optimizers: list[torch.optim.Optimizer] = []

@@ -1,0 +1,125 @@
+"""Evaluation on the whole validation split: loss, token accuracy, perplexity, bits per byte.
+
+The seed scored a few overlapping windows drawn from the training stream. Here every validation
+token is scored exactly once, as a target of the non-overlapping windows of `eval_windows`, so two
+evaluations of the same checkpoint agree and runs can be compared. Bits per byte divides the total
+loss by the UTF-8 size of the text instead of the number of tokens, which makes models with
+different tokenizers comparable. Training calls `evaluate` at its evaluation steps; `qwen3 eval`
+calls `evaluate_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from qwen3.checkpoint import find_checkpoint, load_model
+from qwen3.config import TrainConfig
+from qwen3.data import eval_windows, prepare, print_to_stderr
+from qwen3.errors import UserError
+from qwen3.generate import resolve_device
+
+
+@dataclass
+class EvalResult:
+    loss: float           # mean cross-entropy over the scored targets, nats per token
+    accuracy: float       # fraction of targets that were the model's top prediction
+    perplexity: float     # exp(loss): the effective number of equally likely next tokens
+    bits_per_byte: float  # total loss in bits / UTF-8 bytes of the split
+    tokens: int           # targets scored
+
+    def metrics(self) -> dict[str, float]:
+        """The metrics.jsonl fields of an evaluation."""
+        return {"val_loss": self.loss, "val_acc": self.accuracy, "val_ppl": self.perplexity,
+                "val_bpb": self.bits_per_byte}
+
+    def summary(self) -> str:
+        return (f"loss {self.loss:.4f} | accuracy {self.accuracy:.2%} | perplexity {self.perplexity:.2f}"
+                f" | bits/byte {self.bits_per_byte:.4f} | {self.tokens:,} tokens")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int, num_bytes: int,
+             device: torch.device | str = "cpu",
+             autocast: contextlib.AbstractContextManager | None = None,
+             rank: int = 0, world_size: int = 1) -> EvalResult:
+    """Score every token of `tokens` (the validation split, `num_bytes` UTF-8 bytes of text).
+
+    With several processes, rank r scores batches r, r + world_size, ... and the sums are
+    all-reduced, so every rank returns the same result.
+    """
+    was_training = model.training
+    model.eval()
+    # Running sums on the device (nats, correct predictions, targets): no host sync per batch.
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for index, (x, y) in enumerate(eval_windows(tokens, seq_len, batch_size)):
+        if index % world_size != rank:
+            continue
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast or contextlib.nullcontext():
+            logits = model(x)
+        logits = logits.float().flatten(0, 1)
+        targets = y.flatten()
+        totals[0] += F.cross_entropy(logits, targets, reduction="sum")
+        totals[1] += (logits.argmax(-1) == targets).sum()
+        totals[2] += targets.numel()
+    model.train(was_training)
+    if world_size > 1:
+        dist.all_reduce(totals)
+    nats, correct, count = totals.tolist()
+    if count == 0:
+        raise UserError(f"the validation split has {len(tokens)} token(s): nothing to evaluate")
+    loss = nats / count
+    # Each target token stands for its share of the split's bytes, so total bits / total bytes
+    # = loss_per_token * tokens / (bytes * ln 2).
+    bits_per_byte = nats / (num_bytes * math.log(2)) if num_bytes > 0 else math.nan
+    perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
+    return EvalResult(loss, correct / count, perplexity, bits_per_byte, int(count))
+
+
+def run_config_of(checkpoint: Path) -> TrainConfig:
+    """The training config of the run a checkpoint belongs to (its run.json beside or above it),
+    else the defaults: evaluation then uses the same data split and window length as training."""
+    for folder in (checkpoint, checkpoint.parent):
+        file = folder / "run.json"
+        if file.is_file():
+            try:
+                return TrainConfig(**json.loads(file.read_text(encoding="utf-8"))["train"])
+            except (json.JSONDecodeError, KeyError, TypeError, UserError) as error:
+                raise UserError(f"{file}: not a run description this version can read ({error})") from None
+    return TrainConfig()
+
+
+def evaluate_checkpoint(path: str | Path, sources: list[str] | None = None, device: str = "auto",
+                        log: Callable[[str], None] = print_to_stderr) -> tuple[EvalResult, dict[str, Any]]:
+    """Evaluate a checkpoint (or a run folder's best/) on the validation split of `sources`.
+
+    The text is tokenized with the checkpoint's own tokenizer; `sources` default to the data the run
+    trained on (from its run.json), else the embedded corpus. Returns the result and a description
+    of what was evaluated.
+    """
+    folder = find_checkpoint(path)
+    run = run_config_of(folder)
+    resolved = resolve_device(device)
+    model = load_model(folder, device=resolved)
+    seq_len = run.seq_len or model.config.max_position_embeddings
+    data = prepare(sources if sources is not None else run.data, tokenizer=str(folder),
+                   val_fraction=run.val_fraction, cache_dir=run.cache_dir, min_tokens=2, log=log)
+    if data.tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"{folder}: the tokenizer has {data.tokenizer.vocab_size} tokens but the model "
+                        f"only {model.config.vocab_size}")
+    result = evaluate(model, data.val_tokens, seq_len, run.batch_size, data.val_bytes, resolved)
+    info = {"checkpoint": str(folder), "sources": data.summary["sources"], "seq_len": seq_len,
+            "device": str(resolved)}
+    return result, info
