@@ -118,7 +118,7 @@ def sample_next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
     if all(greedy):
         return logits.argmax(dim=-1)
 
-    device, (B, V) = logits.device, logits.shape
+    device = logits.device
     temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
     scores = logits / temperature[:, None]
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):

@@ -10,11 +10,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from qwen3.chat import DEMO_PROMPTS, ChatSession, run_chat, run_demo
 from qwen3.errors import UserError
@@ -26,12 +24,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 CHAT = [sys.executable, "-m", "qwen3", "chat", "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
