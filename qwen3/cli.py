@@ -98,7 +98,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from qwen3.server.app import serve
 
-    serve(args.dir, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch)
+    serve(args.dir, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
     serve.add_argument("--max-batch", type=int, default=16, metavar="N",
                        help="most sequences decoded together")
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda")
     serve.set_defaults(handler=cmd_serve)
     return parser
 
