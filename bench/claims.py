@@ -8,9 +8,9 @@ than post-norm. This script tests each claim on qwen3.model: variants are built 
 inside an instantiated Qwen3ForCausalLM, every variant is trained with the same small budget on the
 embedded King James Bible (qwen3.data), and where speed is claimed the code is timed.
 
-    python bench/claims.py                 # every claim: about 18 minutes on one CPU thread
+    python bench/claims.py                 # every claim: about 17 minutes on one CPU thread
     python bench/claims.py gqa rope        # only some
-    python bench/claims.py all --seeds 0   # one seed instead of three: a third of the time
+    python bench/claims.py all --seeds 0   # one seed instead of three: about half the time
 
 Each claim writes docs/img/claims_<claim>.png and its entry in docs/img/claims.json; the pages in
 docs/ quote those numbers. Loss comparisons are paired: a variant and the baseline (our Qwen3 block)
@@ -44,6 +44,7 @@ from qwen3.config import ModelConfig, preset
 from qwen3.data import RandomWindows, eval_windows, prepare
 from qwen3.model import Attention, DecoderLayer, KVCache, Qwen3ForCausalLM, RMSNorm
 from qwen3.muon import NS_COEFFICIENTS, build_optimizers, newton_schulz
+from qwen3.train import tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
 CLAIMS = ("gqa", "norm", "swiglu", "rope", "tying", "prenorm", "muon")
@@ -692,13 +693,13 @@ def save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def environment() -> dict[str, Any]:
+def environment(malloc_tuned: bool) -> dict[str, Any]:
     return dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())
+                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), malloc_tuned=malloc_tuned)
 
 
 def run_claims(claims: list[str], settings: Settings, train_tokens: np.ndarray, val_tokens: np.ndarray,
-               out_dir: Path, command: str) -> dict[str, Any]:
+               out_dir: Path, command: str, malloc_tuned: bool = False) -> dict[str, Any]:
     """Measure `claims`, save their figures in out_dir and merge their entries into out_dir/claims.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "claims.json"
@@ -709,7 +710,7 @@ def run_claims(claims: list[str], settings: Settings, train_tokens: np.ndarray, 
         start = time.perf_counter()
         entry = MEASURE[claim](runs, out_dir / f"claims_{claim}.png")
         results[claim] = dict(command=command, seconds=round(time.perf_counter() - start, 1),
-                              environment=environment(), settings=dataclasses.asdict(settings),
+                              environment=environment(malloc_tuned), settings=dataclasses.asdict(settings),
                               data=dict(train_tokens=len(train_tokens), val_tokens=len(val_tokens)),
                               image=f"claims_{claim}.png", **entry)
         results_path.write_text(json.dumps(results, indent=1) + "\n")
@@ -730,11 +731,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     claims = list(CLAIMS) if "all" in args.claims else list(dict.fromkeys(args.claims))
     torch.set_num_threads(args.threads)
+    # As the training loop does: without it, timings of large tensors measure glibc handing pages
+    # back to the kernel and faulting them in again on the next call.
+    malloc_tuned = tune_malloc()
     settings = Settings(steps=args.steps, seeds=tuple(args.seeds))
     data = prepare([], vocab_size=settings.vocab_size, cache_dir=args.cache_dir)
     command = "python bench/claims.py " + " ".join(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
-    run_claims(claims, settings, data.train_tokens, data.val_tokens, args.out, command.strip())
+    run_claims(claims, settings, data.train_tokens, data.val_tokens, args.out, command.strip(), malloc_tuned)
     print(f"done in {time.perf_counter() - start:.0f} s; results in {args.out / 'claims.json'}",
           file=sys.stderr)
 
