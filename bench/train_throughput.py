@@ -72,6 +72,18 @@ def build(model_name: str, compile_model: bool) -> tuple[torch.nn.Module, list[t
     return step_module, optimizers
 
 
+def training_step(step_module: torch.nn.Module, optimizers: list, params: list, x: torch.Tensor,
+                  y: torch.Tensor, dtype: torch.dtype) -> None:
+    """One optimizer step as the training loop takes it: autocast forward, backward, clip, step."""
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = step_module(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 def worker(case: dict) -> dict:
     """Time `case` in this process; returns the measurements."""
     if case["malloc"] == "tuned":
@@ -87,13 +99,7 @@ def worker(case: dict) -> dict:
     def step() -> None:
         x = torch.randint(0, vocab, (case["batch"], case["seq"]), generator=generator)
         y = torch.randint(0, vocab, (case["batch"], case["seq"]), generator=generator)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            loss = step_module(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        training_step(step_module, optimizers, params, x, y, dtype)
 
     start = time.perf_counter()
     for _ in range(case["warmup"]):  # includes compilation
@@ -136,13 +142,7 @@ def profile_ours(case: dict, rows: int = 14) -> None:
     dtype = getattr(torch, case["dtype"])
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            loss = step_module(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        training_step(step_module, optimizers, params, x, y, dtype)
 
     for _ in range(2):
         step()
