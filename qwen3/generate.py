@@ -16,9 +16,10 @@ The pieces are separate so the server's continuous-batching scheduler can reuse 
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -103,20 +104,24 @@ class Completion:
 
 def sample_next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                        generators: Sequence[torch.Generator | None],
-                       previous: Sequence[Sequence[int]]) -> torch.Tensor:
+                       previous: Sequence[Sequence[int]],
+                       argmax: torch.Tensor | None = None) -> torch.Tensor:
     """Pick one token per row of `logits` (B, V) -> LongTensor (B,), each row with its own params.
 
     `previous[i]` holds the ids row i has seen (prompt + generated), for the repetition penalty.
-    Greedy rows (temperature 0) take the argmax; the others draw from their filtered distribution
-    with their own `torch.Generator` (None: torch's global RNG), so a seeded row gives the same
-    sample whatever else is in the batch.
+    Greedy rows (temperature 0) take the argmax (`argmax`, when the caller already has it); the
+    others draw from their filtered distribution with their own `torch.Generator` (None: torch's
+    global RNG), so a seeded row gives the same sample whatever else is in the batch.
     """
     logits = logits.float()
     if any(p.repetition_penalty != 1.0 for p in params):
         logits = apply_repetition_penalty(logits, [p.repetition_penalty for p in params], previous)
+        argmax = None  # the penalty changed the logits
+    if argmax is None:
+        argmax = logits.argmax(dim=-1)
     greedy = [p.temperature == 0 for p in params]
     if all(greedy):
-        return logits.argmax(dim=-1)
+        return argmax
 
     device = logits.device
     temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
@@ -138,7 +143,7 @@ def sample_next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
             noise[row].exponential_(generator=generator)
     sampled = (probs / noise).argmax(dim=-1)
     if any(greedy):
-        sampled = torch.where(torch.tensor(greedy, device=device), logits.argmax(dim=-1), sampled)
+        sampled = torch.where(torch.tensor(greedy, device=device), argmax, sampled)
     return sampled
 
 
@@ -289,6 +294,48 @@ class SequenceState:
                           prompt_tokens=self.prompt_tokens, completion_tokens=len(self.token_ids))
 
 
+def next_token_logits(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                      attention_mask: torch.Tensor | None,
+                      kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run new tokens (B, T) against the cache -> the last position's logits (B, V) and their
+    argmax (B,), the greedy choice. Taken here, the argmax joins the compiled decode graph, where
+    Inductor's vectorized reduction replaces eager argmax (~11 us per 8,192 logits on one core)."""
+    logits = model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                   kv_cache=kv_cache, logits_to_keep=1)[:, -1]
+    return logits, logits.argmax(dim=-1)
+
+
+DecodeStep = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def compile_decode_step(step: DecodeStep, device: torch.device) -> DecodeStep:
+    """`step` (`next_token_logits` of a model) under torch.compile, for one-token decode steps run
+    under inference mode.
+
+    On a CPU a small model's step is mostly per-kernel overhead, so Inductor is asked for a C++
+    wrapper that calls the kernels instead of Python, for weights frozen as constants and prepacked
+    for the GEMM library, and for one matmul where linears read the same input (q/k/v, gate/up).
+    Measured in bench/decode_bench.py (docs/generation.md). Frozen weights are part of the compiled
+    code: a model whose weights change afterwards needs a new step.
+    """
+    if device.type != "cpu":
+        return torch.compile(step)
+    from torch._inductor import config as inductor_config
+
+    compiled = torch.compile(step, options={"cpp_wrapper": True, "cpp.enable_concat_linear": True})
+
+    def frozen_step(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        # Dynamo reads `freezing` while it traces (to take the parameters as constants), which
+        # `options` is too late for; setting it around the call costs ~5 us.
+        previous, inductor_config.freezing = inductor_config.freezing, True
+        try:
+            return compiled(*args)
+        finally:
+            inductor_config.freezing = previous
+
+    return frozen_step
+
+
 class Generator:
     """Generates text from a model (already on its device) and its tokenizer.
 
@@ -299,7 +346,7 @@ class Generator:
     a graph for its exact shapes, the second recompiles it with the cache length symbolic (what
     changes from step to step); batch size 1 stays a constant, which makes the code simpler and
     faster than marking every dimension dynamic (measured: 15-25% per token). The prefill
-    stays eager: it runs once per prompt, at a new length each time.
+    stays eager: it runs once per prompt, at a new length each time. See `compile_decode_step`.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, compile: bool = False) -> None:
@@ -307,7 +354,8 @@ class Generator:
         self.tokenizer = tokenizer
         self.device = model.model.embed_tokens.weight.device
         self.last_completion: Completion | None = None
-        self.decode_step = torch.compile(model) if compile else model
+        self.prefill_step: DecodeStep = functools.partial(next_token_logits, model)
+        self.decode_step = compile_decode_step(self.prefill_step, self.device) if compile else self.prefill_step
 
     @property
     def max_context(self) -> int:
@@ -387,7 +435,7 @@ class Generator:
             mask = torch.arange(width + steps, device=self.device)[None, :] >= torch.tensor(
                 [width - n for n in lengths], device=self.device)[:, None]
             positions = (mask[:, :width].long().cumsum(dim=-1) - 1).clamp(min=0)
-        tokens = self._step(self.model, input_ids, positions, mask, cache, sequences)
+        tokens = self._step(self.prefill_step, input_ids, positions, mask, cache, sequences)
         for _ in range(steps):
             yield [s.add(t) if s.finish_reason is None else "" for s, t in zip(sequences, tokens.tolist())]
             if all(s.finish_reason is not None for s in sequences):
@@ -400,14 +448,13 @@ class Generator:
 
     @staticmethod
     @torch.inference_mode()
-    def _step(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor | None,
+    def _step(step: DecodeStep, input_ids: torch.Tensor, positions: torch.Tensor | None,
               mask: torch.Tensor | None, cache: KVCache, sequences: list[SequenceState]) -> torch.Tensor:
         """Run new tokens (B, T) through the model against the cache, sample the next ones (B,)."""
         visible = mask[:, :cache.length + input_ids.shape[1]] if mask is not None else None
-        logits = model(input_ids, position_ids=positions, attention_mask=visible, kv_cache=cache,
-                       logits_to_keep=1)[:, -1]
-        return sample_next_tokens(logits, [s.params for s in sequences],
-                                  [s.generator for s in sequences], [s.context for s in sequences])
+        logits, argmax = step(input_ids, positions, visible, cache)
+        return sample_next_tokens(logits, [s.params for s in sequences], [s.generator for s in sequences],
+                                  [s.context for s in sequences], argmax)
 
 
 def resolve_device(device: str) -> torch.device:
