@@ -484,8 +484,10 @@ class Trainer:
                      f"({self.world_size} process{'es' if self.world_size > 1 else ''}, autocast "
                      f"{str(self.autocast_dtype).removeprefix('torch.')}), {self.tokens_per_step:,} "
                      f"tokens per step, steps {self.step + 1}..{config.max_steps} -> {self.out}")
+        # Into a file or a pipe (a log, CI) the bar is redrawn every 30 s rather than every step.
         self.bar = tqdm(total=config.max_steps, initial=self.step, unit="step", file=sys.stderr,
-                        disable=not self.is_main, dynamic_ncols=True, desc="train")
+                        disable=not self.is_main, dynamic_ncols=True, desc="train",
+                        mininterval=0.1 if sys.stderr.isatty() else 30.0)
         try:
             with graceful_stop(stop):
                 while self.step < config.max_steps:
