@@ -44,7 +44,7 @@ from qwen3.config import ModelConfig, preset
 from qwen3.data import RandomWindows, eval_windows, prepare
 from qwen3.model import Attention, DecoderLayer, KVCache, Qwen3ForCausalLM, RMSNorm
 from qwen3.muon import NS_COEFFICIENTS, build_optimizers, newton_schulz
-from qwen3.train import tune_malloc
+from qwen3.train import lr_factor, tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
 CLAIMS = ("gqa", "norm", "swiglu", "rope", "tying", "prenorm", "muon")
@@ -215,15 +215,6 @@ class Run:
     seconds: float
 
 
-def lr_factor(step: int, settings: Settings) -> float:
-    """Linear warmup, then a cosine decay to zero: the decay averages out the last batches' noise,
-    which a constant rate leaves in the final loss."""
-    if step < settings.warmup:
-        return (step + 1) / settings.warmup
-    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train(model: nn.Module, tokens: np.ndarray, settings: Settings, seed: int, lr: float) -> list[float]:
     """Minimal loop: forward, cross-entropy, backward, AdamW step (same schedule for every variant)."""
     optimizers = build_optimizers(model, "adamw", adamw_lr=lr)
@@ -232,7 +223,8 @@ def train(model: nn.Module, tokens: np.ndarray, settings: Settings, seed: int, l
     for step in range(settings.steps):
         for optimizer in optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr_factor(step, settings)
+                # warmup, then a cosine decay to zero (qwen3.train's schedule, 1-based steps)
+                group["lr"] = group["initial_lr"] * lr_factor(step + 1, settings.warmup, settings.steps, 0.0)
         x, y = next(windows)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
