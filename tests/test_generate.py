@@ -251,6 +251,11 @@ def test_compiled_decoding_matches_eager(folder: Path, generator: Generator) -> 
     compiled = load_generator(folder, device="cpu", compile=True)
     for prompt in ("In the", "And God said, Let there"):  # one compiled graph serves every length
         assert compiled.generate(prompt, GREEDY).token_ids == generator.generate(prompt, GREEDY).token_ids
+    sampled = SamplingParams(temperature=0.8, top_k=50, seed=3, max_new_tokens=12, stop_token_ids=[])
+    assert compiled.generate("In the", sampled).token_ids == generator.generate("In the", sampled).token_ids
+    # The frozen-weights setting is scoped to the decode step, not left on for other compiled code.
+    from torch._inductor import config as inductor_config
+    assert inductor_config.freezing is False
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
