@@ -9,6 +9,8 @@ The pieces are separate so the server's continuous-batching scheduler can reuse 
   sample_next_tokens  one sampling step over a batch, each row with its own parameters and RNG
   IncrementalDecoder  token ids -> text pieces that never end inside a multi-byte character
   StopChecker         withholds text that may begin a stop string; cuts the text before one
+  next_token_logits   one forward pass against the cache -> last logits and their argmax
+  compile_decode_step that step under torch.compile (on a CPU with Inductor's inference settings)
   Generator           prefill + decode loop for one prompt (`generate`, `stream`) or several
                       (`generate_batch`, left-padded); `compile=True` compiles the decode step
   load_generator      a checkpoint folder -> Generator (device "auto", optional int8, compile)
