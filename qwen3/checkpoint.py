@@ -175,12 +175,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     return model.eval()
 
 
-def load_trainer_state(path: str | Path) -> dict[str, Any]:
-    """The trainer_state.pt of a checkpoint folder (for resuming)."""
+def load_trainer_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The trainer_state.pt of a checkpoint folder (for resuming).
+
+    `mmap=True` maps the tensors (optimizer states) instead of reading them: for a caller that only
+    looks at the step or the configs, which then costs no time or memory whatever the model's size.
+    """
     file = Path(path) / TRAINER_STATE_NAME
     if not file.is_file():
         raise CheckpointError(f"{file}: missing; this checkpoint cannot be resumed")
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
+        return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as error:  # torch raises many types for a damaged pickle
         raise CheckpointError(f"{file}: unreadable ({error})") from None

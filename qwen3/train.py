@@ -273,7 +273,7 @@ def resume_configs(run_dir: str | Path, overrides: dict[str, Any] | None = None
 
     The model's shape cannot change; the output folder is `run_dir` whatever the saved one was.
     """
-    state = load_trainer_state(Path(run_dir) / "last")
+    state = load_trainer_state(Path(run_dir) / "last", mmap=True)
     saved_model = ModelConfig(**state["model_config"])
     saved_train = TrainConfig(**state["train_config"])
     model_config, train_config = apply_overrides(saved_model, saved_train, dict(overrides or {}))
@@ -288,7 +288,7 @@ def unfinished_run(out_dir: Path) -> tuple[int, int] | None:
     """(step, max_steps) of the run in `out_dir` when it stopped before its last step, else None."""
     if not (out_dir / "last" / TRAINER_STATE_NAME).is_file():
         return None
-    state = load_trainer_state(out_dir / "last")
+    state = load_trainer_state(out_dir / "last", mmap=True)
     step, max_steps = state["step"], state["train_config"]["max_steps"]
     return (step, max_steps) if step < max_steps else None
 
