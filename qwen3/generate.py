@@ -119,9 +119,9 @@ def sample_next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
     if any(p.repetition_penalty != 1.0 for p in params):
         logits = apply_repetition_penalty(logits, [p.repetition_penalty for p in params], previous)
         argmax = None  # the penalty changed the logits
-    if argmax is None:
-        argmax = logits.argmax(dim=-1)
     greedy = [p.temperature == 0 for p in params]
+    if any(greedy) and argmax is None:
+        argmax = logits.argmax(dim=-1)
     if all(greedy):
         return argmax
 
