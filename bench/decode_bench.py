@@ -33,7 +33,8 @@ import transformers
 
 from qwen3.checkpoint import find_checkpoint, load_model, save_model
 from qwen3.config import ModelConfig
-from qwen3.generate import Generator, SamplingParams, quantize_int8, resolve_device
+from qwen3.generate import Generator, SamplingParams, quantize_int8
+from qwen3.runtime import resolve_device
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.tokenizer import load_tokenizer, train_tokenizer
 

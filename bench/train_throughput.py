@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 from qwen3.config import ModelConfig, preset
 from qwen3.model import Qwen3ForCausalLM
-from qwen3.muon import build_optimizers, native_bfloat16
-from qwen3.train import CausalLMLoss, flops_per_token, peak_flops, resolve_dtype, tune_malloc
+from qwen3.muon import build_optimizers
+from qwen3.runtime import native_bfloat16, peak_flops, resolve_dtype, tune_malloc
+from qwen3.train import CausalLMLoss, flops_per_token
 
 PRELOAD_CANDIDATES = {
     "jemalloc": ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2"],

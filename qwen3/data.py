@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from qwen3.errors import UserError
+from qwen3.runtime import print_to_stderr
 from qwen3.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 # Bump when the store's layout or the way documents are read changes: old caches are then ignored.
@@ -69,10 +70,6 @@ SOURCE_OPTIONS = {  # what each kind of source accepts
 }
 DOC_MODES = ("file", "paragraph", "line")
 OPTIONS_PATTERN = re.compile(r"\w+=[^,=]*(,\w+=[^,=]*)*")
-
-
-def print_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import torch
 
 from qwen3.errors import UserError
 from qwen3.model import KVCache
+from qwen3.runtime import resolve_device
 
 if TYPE_CHECKING:
     from qwen3.tokenizer import Tokenizer
@@ -457,21 +458,6 @@ class Generator:
         logits, argmax = step(input_ids, positions, visible, cache)
         return sample_next_tokens(logits, [s.params for s in sequences], [s.generator for s in sequences],
                                   [s.context for s in sequences], argmax)
-
-
-def resolve_device(device: str) -> torch.device:
-    """The device a --device value names: "auto" is cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        resolved = None
-    if resolved is None or resolved.type not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available")
-    return resolved
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:

@@ -27,8 +27,8 @@ from qwen3.checkpoint import load_model, load_trainer_state
 from qwen3.config import apply_overrides, preset
 from qwen3.errors import UserError
 from qwen3.model import Qwen3ForCausalLM
-from qwen3.train import (CausalLMLoss, TrainingDiverged, flops_per_token, lr_factor,
-                         resume_configs, train, tune_malloc)
+from qwen3.runtime import tune_malloc
+from qwen3.train import CausalLMLoss, TrainingDiverged, flops_per_token, lr_factor, resume_configs, train
 
 REPO = Path(__file__).resolve().parents[1]
 

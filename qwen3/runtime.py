@@ -1,0 +1,182 @@
+"""What every command needs from the machine it runs on: devices, dtypes, speed limits, RNG, signals.
+
+Training, evaluation, generation and serving all resolve a `--device` value, pick an autocast dtype,
+and (training) measure against a peak FLOP rate; these helpers live here so that none of those
+modules has to import another for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import math
+import platform
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qwen3.errors import UserError
+
+# mallopt(3) parameter numbers from glibc's malloc.h.
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+
+# Dense bfloat16/float16 tensor-core peaks (FLOP/s) from the vendors' data sheets; the first
+# name contained in torch.cuda.get_device_name() wins. Other devices get a matmul probe.
+GPU_PEAK_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H20", 148e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12),
+    ("T4", 65e12),
+]
+
+
+def print_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_device(device: str) -> torch.device:
+    """The device a --device value names: "auto" is cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def native_bfloat16(device: torch.device | str) -> bool:
+    """Whether bfloat16 matmuls run at full speed on `device`.
+
+    True on GPUs and on CPUs with AVX512-BF16 or AMX. Elsewhere (e.g. AVX2-only CPUs) oneDNN
+    emulates them: measured 0.7 GFLOP/s in bfloat16 against 143 GFLOP/s in float32 on a 2-core EPYC.
+    """
+    return torch.device(device).type != "cpu" or _cpu_native_bfloat16()
+
+
+@functools.cache
+def _cpu_native_bfloat16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 6) -> float:
+    """The FLOP/s MFU is measured against: a data-sheet peak for known GPUs in 16-bit types, else the
+    best rate of `repeats` square matmuls in `dtype` (the attainable peak; ~0.1 s on 2 CPU cores).
+    On a busy machine the probe reads low, and MFU high: set `peak_flops` in the config then."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS:
+            if key in name:
+                return flops
+    n = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tune_malloc() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default glibc serves blocks over a dynamic threshold (at most 32 MiB) with mmap and returns
+    them on free, and trims the heap once 128 KiB at its top are free. A training step frees the
+    same tens of MiB of activations, logits and gradients every micro-step, so each step faulted in
+    fresh zeroed pages again: ~140k minor faults per seed-recipe step. With the thresholds raised,
+    a step reuses the pages of the one before (~5k faults). Returns False (changing nothing) where
+    the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(parameter, value) == 1 for parameter, value in (
+        (M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: "auto" is bfloat16 where the device multiplies it natively, float16 on
+    GPUs without bfloat16, float32 elsewhere (emulated bfloat16 is far slower than float32)."""
+    if name == "auto":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    if name == "float16" and device.type != "cuda":
+        raise UserError("dtype float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
+    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"{torch.cuda.get_device_name(device)} has no bfloat16; use float16 or float32")
+    return getattr(torch, name)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def graceful_stop(flag: threading.Event) -> Iterator[None]:
+    """Within the block, the first Ctrl-C (or SIGTERM, which torchrun sends its workers) sets `flag`
+    so the loop can save and stop at the end of the step; a second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
