@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
 import threading
 import time
@@ -42,7 +41,8 @@ from torch import nn
 from tqdm import tqdm
 
 import qwen3
-from qwen3.checkpoint import TRAINER_STATE_NAME, load_model, load_trainer_state, save_model
+from qwen3.checkpoint import (TRAINER_STATE_NAME, load_model, load_trainer_state, remove_checkpoint,
+                              save_model)
 from qwen3.config import ModelConfig, TrainConfig, apply_overrides
 from qwen3.data import PreparedData, RandomWindows, prepare
 from qwen3.errors import UserError
@@ -325,7 +325,7 @@ class Trainer:
         metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         if not resumed:  # replace a finished earlier run in the same folder
             for stale in ("best", "last"):
-                shutil.rmtree(self.out / stale, ignore_errors=True)
+                remove_checkpoint(self.out / stale)
             (self.out / "loss.png").unlink(missing_ok=True)
         device_name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                        else cpu_name())

@@ -1,14 +1,17 @@
-"""Checkpoint folders: transformers loads ours, we load transformers', and broken folders say what is wrong."""
+"""Checkpoint folders: transformers loads ours, we load transformers', saves are atomic and durable and
+leave nothing stale, and broken folders say what is wrong."""
 
+import fcntl
 import json
 import os
+import shutil
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 from transformers import Qwen3ForCausalLM as ReferenceQwen3
 
-from qwen3.checkpoint import CheckpointError, find_checkpoint, load_model, save_model
+from qwen3.checkpoint import CheckpointError, find_checkpoint, load_model, recover, save_model
 from qwen3.config import ModelConfig
 from qwen3.model import Qwen3ForCausalLM
 
@@ -60,11 +63,20 @@ def test_round_trip_in_bfloat16_and_dtype_on_load(tmp_path, input_ids):
     assert torch.equal(loaded.model.embed_tokens.weight.bfloat16(), model.model.embed_tokens.weight)
 
 
+def listing(folder) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
 def test_save_is_atomic_and_replaces(tmp_path):
     save_model(Qwen3ForCausalLM(small_config()), tmp_path / "ckpt")
+    first = os.readlink(tmp_path / "ckpt")
     second = Qwen3ForCausalLM(small_config())
     save_model(second, tmp_path / "ckpt", trainer_state={"step": 7})
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temp or old folders left behind
+    # ckpt is a relative link to its one version: no temporary or previous version left behind.
+    target = os.readlink(tmp_path / "ckpt")
+    assert target != first and target.startswith(".ckpt.") and "/" not in target
+    assert listing(tmp_path) == [target, "ckpt"]
+    assert listing(tmp_path / "ckpt") == listing(tmp_path / target)  # no link left inside either
     loaded = load_model(tmp_path / "ckpt")
     assert torch.equal(loaded.model.norm.weight, second.model.norm.weight)
     assert torch.load(tmp_path / "ckpt" / "trainer_state.pt")["step"] == 7
@@ -73,6 +85,7 @@ def test_save_is_atomic_and_replaces(tmp_path):
 def test_failed_save_leaves_the_old_checkpoint(tmp_path):
     model = Qwen3ForCausalLM(small_config())
     save_model(model, tmp_path / "ckpt")
+    before = listing(tmp_path)
 
     class BrokenTokenizer:
         stop_token_ids = [1]
@@ -83,8 +96,84 @@ def test_failed_save_leaves_the_old_checkpoint(tmp_path):
 
     with pytest.raises(RuntimeError):
         save_model(Qwen3ForCausalLM(small_config()), tmp_path / "ckpt", tokenizer=BrokenTokenizer())
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert listing(tmp_path) == before
     assert torch.equal(load_model(tmp_path / "ckpt").model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_every_file_and_the_folder_are_fsynced_before_the_link_switches(tmp_path, monkeypatch):
+    synced, switches = set(), []
+    original_fsync, original_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        synced.add(os.fstat(descriptor).st_ino)
+        original_fsync(descriptor)
+
+    def replace(source, target):
+        if os.path.basename(target) == "ckpt":
+            version = os.path.dirname(source)  # the link is made inside the new version
+            inodes = {os.stat(os.path.join(version, name)).st_ino for name in os.listdir(version)
+                      if name != os.path.basename(source)}
+            switches.append(inodes | {os.stat(version).st_ino} <= synced)
+        original_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_model(Qwen3ForCausalLM(small_config()), tmp_path / "ckpt", trainer_state={"step": 1})
+    assert switches == [True]
+
+
+def test_leftovers_of_killed_saves_go_but_a_live_writer_is_left_alone(tmp_path):
+    save_model(Qwen3ForCausalLM(small_config()), tmp_path / "ckpt")
+    # What a SIGKILL leaves: a half-written temporary and a written but never linked version,
+    # both unlocked (the kernel drops a dead process's flock).
+    for name in (".ckpt.tmp-0badf00d", ".ckpt.0badcafe"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / ".ckpt.tmp-5afe5afe"  # a folder another live process is writing
+    live.mkdir()
+    lock = os.open(live, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        save_model(Qwen3ForCausalLM(small_config()), tmp_path / "ckpt")
+        assert listing(tmp_path) == sorted([os.readlink(tmp_path / "ckpt"), live.name, "ckpt"])
+    finally:
+        os.close(lock)
+    recover(tmp_path / "ckpt")  # its writer is gone now
+    assert listing(tmp_path) == [os.readlink(tmp_path / "ckpt"), "ckpt"]
+
+
+def test_a_plain_folder_is_replaced_and_a_kill_while_it_was_moved_aside_is_recovered(tmp_path):
+    model = Qwen3ForCausalLM(small_config())
+    save_model(model, tmp_path / "linked")
+    shutil.copytree(tmp_path / "linked", tmp_path / "ckpt")  # follows the link: a plain folder
+    assert not (tmp_path / "ckpt").is_symlink()
+    save_model(model, tmp_path / "ckpt", trainer_state={"step": 2})
+    assert (tmp_path / "ckpt").is_symlink() and not (tmp_path / ".ckpt.old").exists()
+    # A kill between moving the plain folder aside and linking the new version leaves no ckpt:
+    target = os.readlink(tmp_path / "ckpt")
+    shutil.copytree(tmp_path / target, tmp_path / ".ckpt.old")
+    (tmp_path / "ckpt").unlink()
+    recover(tmp_path / "ckpt")  # the plain folder comes back, the unlinked version goes
+    assert listing(tmp_path) == sorted(["ckpt", "linked", os.readlink(tmp_path / "linked")])
+    assert torch.load(tmp_path / "ckpt" / "trainer_state.pt")["step"] == 2
+
+
+@pytest.mark.parametrize("how", ["move", "copy with links", "copy following links"])
+def test_a_run_folder_moved_or_copied_still_loads_and_saves(tmp_path, input_ids, how):
+    model = Qwen3ForCausalLM(small_config()).eval()
+    for name in ("best", "last"):
+        save_model(model, tmp_path / "run" / name)
+    if how == "move":
+        shutil.move(tmp_path / "run", tmp_path / "elsewhere")
+    else:
+        shutil.copytree(tmp_path / "run", tmp_path / "elsewhere", symlinks=how == "copy with links")
+    for name in ("best", "last"):
+        with torch.no_grad():
+            assert torch.equal(load_model(tmp_path / "elsewhere" / name)(input_ids), model(input_ids))
+        AutoModelForCausalLM.from_pretrained(tmp_path / "elsewhere" / name)
+    save_model(model, tmp_path / "elsewhere" / "last")
+    assert sorted(name for name in listing(tmp_path / "elsewhere") if name.startswith(".last")) == [
+        os.readlink(tmp_path / "elsewhere" / "last")]
 
 
 def test_run_folder_resolves_to_best(tmp_path):
@@ -133,3 +222,4 @@ def test_config_not_json_or_wrong_model(saved):
     (saved / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(CheckpointError, match="only 'qwen3'"):
         load_model(saved)
+
