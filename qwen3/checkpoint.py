@@ -10,7 +10,7 @@ A kill at any moment never loses a checkpoint: `DIR` is a relative symlink to a 
 folder beside it (`.DIR.<id>`), and a save writes a new version, fsyncs it and switches the link
 in one atomic rename (see `atomic_directory`). Loading accepts any such folder, a real Qwen3 release
 included, and a folder that is missing, truncated or mismatched fails with a `CheckpointError`
-naming the file and the problem.
+naming the file and the problem. `resume_state` is what `--resume` continues from.
 """
 
 from __future__ import annotations
@@ -173,6 +173,36 @@ def load_trainer_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as error:  # torch raises many types for a damaged pickle
         raise CheckpointError(f"{file}: unreadable ({error})") from None
+
+
+def last_checkpoint(run_dir: str | Path) -> Path | None:
+    """`run_dir/last`, made whole first if a kill interrupted a save (`recover`, best/ too), or
+    None when the run saved none."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    for name in ("best", "last"):
+        recover(run_dir / name)
+    last = run_dir / "last"
+    return last if last.is_dir() else None
+
+
+def resume_state(run_dir: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The trainer state that `--resume run_dir` continues from; a CheckpointError says why there is none."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such folder, nothing to resume")
+    if (run_dir / "config.json").is_file():
+        raise CheckpointError(f"{run_dir} is a checkpoint folder; --resume takes the run folder "
+                              f"that holds last/ ({run_dir.resolve().parent})")
+    last = last_checkpoint(run_dir)
+    if last is None:
+        raise CheckpointError(f"nothing to resume in {run_dir}: it holds no last/ checkpoint (a run "
+                              f"saves one at every evaluation and when it is stopped)")
+    if not (last / TRAINER_STATE_NAME).is_file():
+        raise CheckpointError(f"{last} has no {TRAINER_STATE_NAME}: it holds a model but not the "
+                              f"training state a resume needs")
+    return load_trainer_state(last, mmap)
 
 
 # --------------------------------------------------------------------------------------------

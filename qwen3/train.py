@@ -41,8 +41,8 @@ from torch import nn
 from tqdm import tqdm
 
 import qwen3
-from qwen3.checkpoint import (TRAINER_STATE_NAME, load_model, load_trainer_state, remove_checkpoint,
-                              save_model)
+from qwen3.checkpoint import (TRAINER_STATE_NAME, last_checkpoint, load_model, load_trainer_state,
+                              remove_checkpoint, resume_state, save_model)
 from qwen3.config import ModelConfig, TrainConfig, apply_overrides
 from qwen3.data import PreparedData, RandomWindows, prepare
 from qwen3.errors import UserError
@@ -148,7 +148,7 @@ def resume_configs(run_dir: str | Path, overrides: dict[str, Any] | None = None
 
     The model's shape cannot change; the output folder is `run_dir` whatever the saved one was.
     """
-    state = load_trainer_state(Path(run_dir) / "last", mmap=True)
+    state = resume_state(run_dir, mmap=True)
     saved_model = ModelConfig(**state["model_config"])
     saved_train = TrainConfig(**state["train_config"])
     model_config, train_config = apply_overrides(saved_model, saved_train, dict(overrides or {}))
@@ -161,9 +161,10 @@ def resume_configs(run_dir: str | Path, overrides: dict[str, Any] | None = None
 
 def unfinished_run(out_dir: Path) -> tuple[int, int] | None:
     """(step, max_steps) of the run in `out_dir` when it stopped before its last step, else None."""
-    if not (out_dir / "last" / TRAINER_STATE_NAME).is_file():
+    last = last_checkpoint(out_dir)
+    if last is None or not (last / TRAINER_STATE_NAME).is_file():
         return None
-    state = load_trainer_state(out_dir / "last", mmap=True)
+    state = load_trainer_state(last, mmap=True)
     step, max_steps = state["step"], state["train_config"]["max_steps"]
     return (step, max_steps) if step < max_steps else None
 
@@ -194,7 +195,7 @@ class Trainer:
         self.tokens_per_step = config.batch_size * config.grad_accum * self.seq_len
         tune_malloc()
 
-        state = load_trainer_state(self.out / "last") if resume else None
+        state = resume_state(self.out) if resume else None
         if not resume and self.is_main and (unfinished := unfinished_run(self.out)):
             raise UserError(f"{self.out} holds an unfinished run (step {unfinished[0]} of "
                             f"{unfinished[1]}): continue it with --resume {self.out}, or choose "

@@ -1,5 +1,5 @@
 """Checkpoint folders: transformers loads ours, we load transformers', saves are atomic and durable and
-leave nothing stale, and broken folders say what is wrong."""
+leave nothing stale, and broken folders or runs with nothing to resume say what is wrong."""
 
 import fcntl
 import json
@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 from transformers import Qwen3ForCausalLM as ReferenceQwen3
 
-from qwen3.checkpoint import CheckpointError, find_checkpoint, load_model, recover, save_model
+from qwen3.checkpoint import CheckpointError, find_checkpoint, load_model, recover, resume_state, save_model
+from qwen3 import cli
 from qwen3.config import ModelConfig
 from qwen3.model import Qwen3ForCausalLM
 
@@ -223,3 +224,26 @@ def test_config_not_json_or_wrong_model(saved):
     with pytest.raises(CheckpointError, match="only 'qwen3'"):
         load_model(saved)
 
+
+def test_resume_says_what_is_missing(tmp_path):
+    with pytest.raises(CheckpointError, match="no such folder, nothing to resume"):
+        resume_state(tmp_path / "nope")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(CheckpointError, match=f"nothing to resume in {tmp_path / 'run'}: it holds no last/"):
+        resume_state(tmp_path / "run")
+    save_model(Qwen3ForCausalLM(small_config()), tmp_path / "run" / "last")
+    with pytest.raises(CheckpointError, match=r"last has no trainer_state\.pt: it holds a model but not"):
+        resume_state(tmp_path / "run")
+    with pytest.raises(CheckpointError, match=f"checkpoint folder; --resume takes the run folder that "
+                                              f"holds last/ \\({tmp_path / 'run'}\\)"):
+        resume_state(tmp_path / "run" / "last")
+
+
+def test_resume_on_a_folder_without_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--resume", str(tmp_path / "empty")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"qwen3 train: error: nothing to resume in {tmp_path / 'empty'}: it holds no last/ checkpoint "
+        f"(a run saves one at every evaluation and when it is stopped)"]

@@ -246,7 +246,7 @@ def cli_error(capsys, argv: list[str]) -> str:
     (["--set", "warmup_steps=-3"], "warmup_steps must be a non-negative integer"),
     (["--set", "optimizer=sgd"], "optimizer must be 'muon' or 'adamw'"),
     (["--preset", "huge"], "unknown preset 'huge'"),
-    (["--resume", "/nonexistent/run"], "trainer_state.pt: missing"),
+    (["--resume", "/nonexistent/run"], "/nonexistent/run: no such folder, nothing to resume"),
     (["--set", "dtype=float16", "--set", "device=cpu"], "float16 needs a CUDA device"),
 ])
 def test_bad_configuration_is_a_one_line_error(capsys, shared, tmp_path, monkeypatch, argv, message):
