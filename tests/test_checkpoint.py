@@ -247,3 +247,52 @@ def test_resume_on_a_folder_without_a_checkpoint_is_a_one_line_error(tmp_path, c
     assert capsys.readouterr().err.splitlines() == [
         f"qwen3 train: error: nothing to resume in {tmp_path / 'empty'}: it holds no last/ checkpoint "
         f"(a run saves one at every evaluation and when it is stopped)"]
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL: once raised, every later filesystem step raises too, so no clean-up runs."""
+
+
+@pytest.mark.parametrize("before", ["link", "plain folder"])
+def test_a_kill_between_any_two_filesystem_steps_of_a_save_leaves_a_checkpoint(tmp_path, monkeypatch, before):
+    old, new = Qwen3ForCausalLM(small_config()), Qwen3ForCausalLM(small_config())
+    steps = {"rename": os.rename, "replace": os.replace, "symlink": os.symlink, "fsync": os.fsync,
+             "mkdir": os.mkdir, "rmtree": shutil.rmtree}
+    kill_at = 0
+    while True:
+        kill_at += 1
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+        save_model(old, tmp_path / "run" / "ckpt")
+        if before == "plain folder":  # as an older save, or a copy that followed the link, left it
+            shutil.copytree(tmp_path / "run" / "ckpt", tmp_path / "run" / "plain")
+            (tmp_path / "run" / "ckpt").unlink()
+            os.rename(tmp_path / "run" / "plain", tmp_path / "run" / "ckpt")
+        calls = 0
+
+        def step(name):
+            def call(*args, **kwargs):
+                nonlocal calls
+                calls += 1
+                if calls >= kill_at:
+                    raise Killed
+                return steps[name](*args, **kwargs)
+            return call
+
+        with monkeypatch.context() as patch:
+            for name in steps:
+                patch.setattr(shutil if name == "rmtree" else os, name, step(name))
+            try:
+                save_model(new, tmp_path / "run" / "ckpt")
+                finished = True
+            except Killed:
+                finished = False
+        if before == "link":  # never a moment without a complete checkpoint
+            assert (tmp_path / "run" / "ckpt").is_dir(), kill_at
+        recover(tmp_path / "run" / "ckpt")
+        weights = load_model(tmp_path / "run" / "ckpt").model.embed_tokens.weight
+        assert any(torch.equal(weights, m.model.embed_tokens.weight) for m in (old, new)), kill_at
+        if finished:
+            break
+    assert torch.equal(weights, new.model.embed_tokens.weight)
+    assert kill_at > 8  # each step of the save was interrupted once
+    assert listing(tmp_path / "run") == sorted(["ckpt", os.readlink(tmp_path / "run" / "ckpt")])
