@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import os
 import socket
 import sys
 import time
@@ -363,8 +364,10 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 5000, api_key: 
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key must not be empty")
     folder = find_checkpoint(path)
-    # A run folder's best/ or last/ is named after its run.
-    model_name = folder.resolve().parent.name if folder.name in ("best", "last") else folder.resolve().name
+    # A run folder's best/ or last/ is named after its run. (abspath, not resolve: a checkpoint is
+    # a link to a hidden version folder whose name is not the checkpoint's.)
+    absolute = Path(os.path.abspath(folder))
+    model_name = absolute.parent.name if folder.name in ("best", "last") else absolute.name
     listener = bind(host, port)  # before loading the model, so a taken port fails at once
     generator = load_generator(folder, device=device)
     app = create_app(generator.model, generator.tokenizer, model_name, api_key=api_key, max_batch=max_batch)
