@@ -182,18 +182,6 @@ def iter_pieces(sources: list[Source]) -> Iterator[tuple[str, bool]]:
         yield from pieces
 
 
-def iter_documents(sources: list[str]) -> Iterator[str]:
-    """Every document of the sources (default: the embedded corpus) as one string."""
-    parts: list[str] = []
-    for piece, ends in iter_pieces([parse_source(spec) for spec in sources or [BUILTIN_KJV]]):
-        parts.append(piece)
-        if ends:
-            document = "".join(parts)
-            parts = []
-            if document.strip():
-                yield document
-
-
 def _first_documents(pieces: Iterator[tuple[str, bool]], limit: int) -> Iterator[tuple[str, bool]]:
     if limit == 0:
         return
@@ -751,31 +739,6 @@ def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int
     rest = targets - full * seq_len
     if rest > 0:
         yield _windows_at(tokens, np.array([full * seq_len]), rest)
-
-
-class StrideWindows(torch.utils.data.Dataset):
-    """The seed's windows: one every `stride` tokens (overlapping when stride < seq_len), as a
-    map-style dataset of (x, y) for a DataLoader."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, stride: int) -> None:
-        if stride < 1:
-            raise ValueError(f"stride must be at least 1, got {stride}")
-        self.tokens = tokens
-        self.seq_len = seq_len
-        self.stride = stride
-
-    def __len__(self) -> int:
-        return max(0, (len(self.tokens) - self.seq_len - 1) // self.stride + 1)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        x, y = _windows_at(self.tokens, np.array([index * self.stride]), self.seq_len)
-        return x[0], y[0]
-
-
-def stride_windows(tokens: np.ndarray, seq_len: int, stride: int) -> StrideWindows:
-    return StrideWindows(tokens, seq_len, stride)
 
 
 def _windows_at(tokens: np.ndarray, offsets: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,7 @@ import torch
 
 import qwen3.data as data
 from qwen3.cli import main
-from qwen3.data import (RandomWindows, eval_windows, is_validation, iter_documents, kjv_books, parse_source,
-                        prepare, stride_windows)
+from qwen3.data import RandomWindows, eval_windows, is_validation, iter_pieces, kjv_books, parse_source, prepare
 from qwen3.errors import UserError
 from qwen3.tokenizer import train_tokenizer
 
@@ -55,6 +54,18 @@ def split_documents(tokens: np.ndarray, eos: int) -> list[list[int]]:
         if token == eos:
             documents.append(ids[start:index])
             start = index + 1
+    return documents
+
+
+def iter_documents(sources: list[str]) -> list[str]:
+    """Every non-blank document of the sources as one string, joined from the pieces they are read in."""
+    documents, parts = [], []
+    for piece, ends in iter_pieces([parse_source(spec) for spec in sources]):
+        parts.append(piece)
+        if ends:
+            document, parts = "".join(parts), []
+            if document.strip():
+                documents.append(document)
     return documents
 
 
@@ -138,19 +149,19 @@ def test_every_source_kind(tmp_path) -> None:
     pyarrow.parquet.write_table(pyarrow.table({"body": [f"Row {i}." for i in range(10)], "n": list(range(10))}),
                                 parquet, row_group_size=3)
     sources = [f"{folder}", f"{jsonl}:field=content", f"{array}", f"{parquet}:field=body,limit=4"]
-    assert list(iter_documents(sources)) == [
+    assert iter_documents(sources) == [
         "Second file.\n", "Nested markdown.\n", "First record.", "Second record.", "Object item.", "String item.",
         "Row 0.", "Row 1.", "Row 2.", "Row 3."]
-    assert list(iter_documents([f"{folder}:glob=*.md"])) == ["Nested markdown.\n"]
+    assert iter_documents([f"{folder}:glob=*.md"]) == ["Nested markdown.\n"]
 
 
 def test_document_modes_for_text(tmp_path) -> None:
     path = tmp_path / "play.txt"
     path.write_text("First speech\nstill first.\n\n\nSecond speech.\n  \nThird.")
-    assert list(iter_documents([str(path)])) == [path.read_text()]
-    assert list(iter_documents([f"{path}:doc=paragraph"])) == [
+    assert iter_documents([str(path)]) == [path.read_text()]
+    assert iter_documents([f"{path}:doc=paragraph"]) == [
         "First speech\nstill first.", "Second speech.", "Third."]
-    assert list(iter_documents([f"{path}:doc=line"])) == [
+    assert iter_documents([f"{path}:doc=line"]) == [
         "First speech", "still first.", "Second speech.", "Third."]
 
 
@@ -289,7 +300,7 @@ def test_datasets_extra_is_optional(tmp_path) -> None:
         import datasets  # noqa: F401
     except ImportError:
         with pytest.raises(UserError, match=r"pip install 'qwen3-from-scratch\[datasets\]'"):
-            list(iter_documents(["hf:some/dataset"]))
+            iter_documents(["hf:some/dataset"])
     else:
         pytest.skip("datasets is installed; opening a dataset would reach the network")
 
@@ -350,16 +361,6 @@ def test_eval_windows_cover_every_token_once(count: int) -> None:
         assert batches[-1][0].shape == (1, (count - 1) % 16)
     assert sum(x.shape[0] for x, _ in batches if x.shape[1] == 16) == full
     assert [x.tolist() for x, _ in eval_windows(tokens, 16, 4)] == [x.tolist() for x, _ in batches]
-
-
-def test_stride_windows() -> None:
-    windows = stride_windows(numbered(100), seq_len=10, stride=5)
-    assert len(windows) == 18
-    x, y = windows[17]
-    assert x.tolist() == list(range(85, 95)) and y.tolist() == list(range(86, 96))
-    with pytest.raises(IndexError):
-        windows[18]
-    assert len(stride_windows(numbered(100), seq_len=10, stride=1)) == 90
 
 
 # --- the command line ------------------------------------------------------------------------------
