@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from qwen3.config import apply_overrides, preset
-from qwen3.data import kjv_books
+from qwen3.sources import kjv_books
 from qwen3.train import train
 
 MUON_GRID = [0.005, 0.01, 0.02, 0.04]

@@ -39,7 +39,7 @@ import torch
 
 from qwen3.checkpoint import find_checkpoint, save_model
 from qwen3.config import preset
-from qwen3.data import kjv_books
+from qwen3.sources import kjv_books
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.tokenizer import train_tokenizer
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qwen3.data import kjv_books
+from qwen3.sources import kjv_books
 from qwen3.errors import UserError
 from qwen3.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
 
