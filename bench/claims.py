@@ -41,11 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3.config import ModelConfig, preset
-from qwen3.data import RandomWindows, eval_windows, prepare
+from qwen3.data import prepare
 from qwen3.model import Attention, DecoderLayer, KVCache, Qwen3ForCausalLM, RMSNorm
 from qwen3.muon import NS_COEFFICIENTS, build_optimizers, newton_schulz
 from qwen3.runtime import tune_malloc
 from qwen3.train import lr_factor
+from qwen3.windows import RandomWindows, eval_windows
 
 ROOT = Path(__file__).resolve().parent.parent
 CLAIMS = ("gqa", "norm", "swiglu", "rope", "tying", "prenorm", "muon")

@@ -44,13 +44,14 @@ import qwen3
 from qwen3.checkpoint import (TRAINER_STATE_NAME, last_checkpoint, load_model, load_trainer_state,
                               remove_checkpoint, resume_state, save_model)
 from qwen3.config import ModelConfig, TrainConfig, apply_overrides
-from qwen3.data import PreparedData, RandomWindows, prepare
+from qwen3.data import PreparedData, prepare
 from qwen3.errors import UserError
 from qwen3.evaluate import EvalResult, evaluate
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.muon import build_optimizers
 from qwen3.runtime import (cpu_name, graceful_stop, peak_flops, resolve_device, resolve_dtype, rng_state,
                            seed_everything, set_rng_state, tune_malloc)
+from qwen3.windows import RandomWindows
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the run stopped without saving over its last checkpoint."""

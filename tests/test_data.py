@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from qwen3.cli import main
-from qwen3.data import RandomWindows, eval_windows, is_validation, prepare
-from qwen3.sources import iter_pieces, kjv_books, parse_source
+from qwen3.data import is_validation, prepare
 from qwen3.errors import UserError
+from qwen3.sources import iter_pieces, kjv_books, parse_source
 from qwen3.tokenizer import train_tokenizer
+from qwen3.windows import RandomWindows, eval_windows
 
 WORDS = "and the earth was without form void darkness upon face of deep spirit moved waters light".split()
 
