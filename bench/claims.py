@@ -6,7 +6,7 @@ attention gives a "50-75% reduction in attention memory" at "nearly identical" q
 training"; weight tying saves parameters and "improves generalization"; pre-norm trains more stably
 than post-norm. This script tests each claim on qwen3.model: variants are built by swapping modules
 inside an instantiated Qwen3ForCausalLM, every variant is trained with the same small budget on the
-embedded King James Bible (qwen3.data), and where speed is claimed the code is timed.
+embedded King James Bible (qwen3.sources), and where speed is claimed the code is timed.
 
     python bench/claims.py                 # every claim: about 17 minutes on one CPU thread
     python bench/claims.py gqa rope        # only some
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3.config import ModelConfig, preset
-from qwen3.data import prepare
+from qwen3.store import prepare
 from qwen3.model import Attention, DecoderLayer, KVCache, Qwen3ForCausalLM, RMSNorm
 from qwen3.muon import NS_COEFFICIENTS, build_optimizers, newton_schulz
 from qwen3.runtime import tune_malloc

@@ -15,7 +15,7 @@ from qwen3.errors import UserError
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from qwen3.config import TrainConfig
-    from qwen3.data import prepare
+    from qwen3.store import prepare
 
     defaults = TrainConfig()
     data = prepare(args.data, tokenizer=args.tokenizer or "",

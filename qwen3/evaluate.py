@@ -26,7 +26,7 @@ from torch import nn
 
 from qwen3.checkpoint import find_checkpoint, load_model
 from qwen3.config import TrainConfig
-from qwen3.data import prepare
+from qwen3.store import prepare
 from qwen3.errors import UserError
 from qwen3.runtime import print_to_stderr, resolve_device
 from qwen3.windows import eval_windows

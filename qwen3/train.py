@@ -44,7 +44,7 @@ import qwen3
 from qwen3.checkpoint import (TRAINER_STATE_NAME, last_checkpoint, load_model, load_trainer_state,
                               remove_checkpoint, resume_state, save_model)
 from qwen3.config import ModelConfig, TrainConfig, apply_overrides
-from qwen3.data import PreparedData, prepare
+from qwen3.store import PreparedData, prepare
 from qwen3.errors import UserError
 from qwen3.evaluate import EvalResult, evaluate
 from qwen3.model import Qwen3ForCausalLM

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qwen3.cli import main
-from qwen3.data import is_validation, prepare
+from qwen3.store import is_validation, prepare
 from qwen3.errors import UserError
 from qwen3.sources import iter_pieces, kjv_books, parse_source
 from qwen3.tokenizer import train_tokenizer
@@ -177,7 +177,7 @@ def test_streamed_pieces_tokenize_exactly_like_whole_documents(tmp_path, monkeyp
     (tmp_path / "long.jsonl").write_text(json.dumps({"text": text}) + "\n")
     train_tokenizer([text], vocab_size=400).save_pretrained(tmp_path / "tokenizer")
     monkeypatch.setattr("qwen3.sources.PIECE_BYTES", 64)
-    monkeypatch.setattr("qwen3.data.BATCH_BYTES", 1000)
+    monkeypatch.setattr("qwen3.store.BATCH_BYTES", 1000)
     prepared = prepare_small([tmp_path / "long.txt", tmp_path / "long.jsonl"], tmp_path / "cache",
                              tmp_path / "tokenizer", val_fraction=0.5)
     expected = prepared.tokenizer.encode(text) + [prepared.tokenizer.eos_token_id]

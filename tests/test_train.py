@@ -134,7 +134,7 @@ def test_checkpoints_are_hugging_face_folders_our_loader_reads(reference_run, sh
     assert state["step"] == 40 and len(state["optimizers"]) == 2
     assert state["best_val_loss"] == result.best_val_loss
     # The best checkpoint reproduces the best validation loss.
-    from qwen3.data import prepare
+    from qwen3.store import prepare
     from qwen3.evaluate import evaluate
 
     model = load_model(out / "best")

@@ -1,16 +1,18 @@
-"""Text sources -> streaming tokenization -> a cached token store -> training and evaluation windows.
+"""The token store: text sources tokenized once into cached, memory-mapped token arrays.
 
 The seed pickled a few thousand tokens and drew validation windows from the same overlapping windows
-as training, so its validation numbers leaked. Here:
+as training, so its validation numbers leaked. Here `prepare` turns the sources into a tokenizer
+and two token arrays:
 
-* text is read from the sources (qwen3/sources.py) as a stream of bounded *pieces*, tokenized in
-  batches on all cores, and appended to two flat binary files (train.bin, val.bin; uint16 while the vocabulary fits, else
+* the pieces of text the sources yield (qwen3/sources.py) are tokenized in batches on all cores and
+  appended to two flat binary files (train.bin, val.bin; uint16 while the vocabulary fits, else
   uint32) read back with np.memmap, so memory stays flat however large the corpus is;
 * the split is by document: document i goes to validation when it is one of the evenly spaced
   round(n * val_fraction) documents, so no token of a validation document is ever trained on;
 * the store is cached under a key of the sources (path, size, mtime), the tokenizer's content, the
-  split and the format version, built in a temporary folder and renamed only when complete;
-* training and evaluation cut the token arrays into windows (qwen3/windows.py).
+  split and the format version, built in a temporary folder and renamed only when complete.
+
+Training and evaluation cut the arrays into windows (qwen3/windows.py).
 """
 
 from __future__ import annotations
@@ -47,10 +49,6 @@ TOKENIZER_SAMPLE_BYTES = 64 * 2**20
 # Text handed to one encode_batch call: large enough to keep both cores busy, small enough that the
 # per-token Encoding objects of one batch stay well under 1 GB.
 BATCH_BYTES = 8 * 2**20
-
-
-# --------------------------------------------------------------------------------------------
-# The token store
 
 
 @dataclass
