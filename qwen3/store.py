@@ -72,10 +72,9 @@ def prepare(sources: list[str], tokenizer: str = "", vocab_size: int = 8192, val
 
     `tokenizer` is a tokenizer.json or model folder to use; empty trains a `vocab_size` BPE on the
     sources (cached too). `min_tokens` is the fewest tokens each split must hold (the trainer passes
-    seq_len + 1); a split with fewer is a UserError. Progress goes to stderr.
+    seq_len + 1); a split with fewer is a UserError. `val_fraction` is in (0, 1), as TrainConfig
+    checks. Progress goes to stderr.
     """
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     parsed = [parse_source(spec) for spec in sources or [BUILTIN_KJV]]
     names = ", ".join(source.spec for source in parsed)
     fingerprint = [source.fingerprint() for source in parsed]
@@ -111,14 +110,14 @@ def prepare(sources: list[str], tokenizer: str = "", vocab_size: int = 8192, val
     dtype = np.dtype(meta["dtype"])
     train_tokens = _open_tokens(store_dir / "train.bin", dtype)
     val_tokens = _open_tokens(store_dir / "val.bin", dtype)
-    for split, tokens, documents, needed in (("training", train_tokens, meta["train_documents"], True),
-                                             ("validation", val_tokens, meta["val_documents"], val_fraction > 0)):
-        if needed and len(tokens) == 0:
+    for split, tokens, documents in (("training", train_tokens, meta["train_documents"]),
+                                     ("validation", val_tokens, meta["val_documents"])):
+        if len(tokens) == 0:
             raise UserError(
                 f"the {split} split of {names} is empty: {meta['documents']} document(s) with val_fraction "
                 f"{val_fraction} leave none for it; add documents, or cut the text into more of them "
                 f"with a source option such as FILE.txt:doc=paragraph")
-        if needed and len(tokens) < min_tokens:
+        if len(tokens) < min_tokens:
             raise UserError(
                 f"the {split} split of {names} has {len(tokens)} tokens ({documents} document(s)), "
                 f"shorter than one window of {min_tokens}; add text or use a shorter sequence length")
