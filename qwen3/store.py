@@ -21,11 +21,8 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import queue
-import shutil
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,6 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from qwen3.checkpoint import atomic_directory
 from qwen3.errors import UserError
 from qwen3.runtime import print_to_stderr
 from qwen3.sources import BUILTIN_KJV, Source, iter_pieces, parse_source
@@ -96,12 +94,9 @@ def prepare(sources: list[str], tokenizer: str = "", vocab_size: int = 8192, val
         log(f"reusing the cached token store {store_dir}")
     else:
         log(f"building the token store for {names}")
-
-        def build(directory: Path) -> None:
+        with atomic_directory(store_dir) as directory:
             _build_store(parsed, tok, directory, val_fraction, progress)
             tok.save_pretrained(directory / "tokenizer")  # the store is complete on its own
-
-        _build_atomically(store_dir, build)
     # A model folder given as the tokenizer is used as it is; otherwise the store's copy.
     given_folder = bool(tokenizer) and Path(tokenizer).is_dir()
     tokenizer_path = Path(tokenizer).resolve() if given_folder else store_dir / "tokenizer"
@@ -148,15 +143,12 @@ def _cached_tokenizer(sources: list[Source], fingerprint: list[Any], vocab_size:
         return directory, False
     log(f"training a {vocab_size}-token BPE tokenizer on the first "
         f"{TOKENIZER_SAMPLE_BYTES // 2**20} MB of text")
-
-    def build(temporary: Path) -> None:
+    with atomic_directory(directory) as temporary:
         sample = _sample(sources, TOKENIZER_SAMPLE_BYTES)
         first = next(sample, None)
         if first is None:
             raise UserError(f"no text found in {', '.join(source.spec for source in sources)}")
         train_tokenizer(itertools.chain([first], sample), vocab_size).save_pretrained(temporary)
-
-    _build_atomically(directory, build)
     return directory, True
 
 
@@ -168,21 +160,6 @@ def _sample(sources: list[Source], budget: int) -> Iterator[str]:
             budget -= len(piece)
             if budget <= 0:
                 return
-
-
-def _build_atomically(final: Path, build: Callable[[Path], None]) -> None:
-    """Run `build` in a fresh temporary folder beside `final` and rename it into place when it
-    succeeds, so a failed or interrupted build leaves nothing behind and never touches `final`."""
-    temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        build(temporary)
-        try:
-            os.rename(temporary, final)
-        except OSError:
-            if not final.is_dir():  # another process finishing the same build first is fine
-                raise
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _build_store(sources: list[Source], tokenizer: Tokenizer, directory: Path, val_fraction: float,
