@@ -21,14 +21,14 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     data = prepare(args.data, tokenizer=args.tokenizer or "",
                    vocab_size=args.vocab_size or defaults.tokenizer_vocab_size,
                    val_fraction=defaults.val_fraction, cache_dir=defaults.cache_dir)
-    s = data.summary
-    print(f"sources:        {', '.join(s['sources'])}")
-    print(f"documents:      {s['documents']:,} ({s['train_documents']:,} train, {s['val_documents']:,} validation)")
-    print(f"bytes:          {s['bytes']:,} ({s['train_bytes']:,} train, {s['val_bytes']:,} validation)")
-    print(f"tokens:         {s['tokens']:,} ({s['train_tokens']:,} train, {s['val_tokens']:,} validation)")
-    print(f"bytes/token:    {s['bytes_per_token']:.3f} (vocabulary {s['vocab_size']:,}, stored as {s['dtype']})")
-    print(f"tokenizer:      {s['tokenizer_path']} ({'trained now' if s['tokenizer_trained'] else 'reused'})")
-    print(f"token store:    {s['cache_dir']} ({'reused from the cache' if s['reused'] else 'built now'})")
+    print(f"sources:        {', '.join(data.sources)}")
+    print(f"documents:      {data.documents:,} ({data.train_documents:,} train, {data.val_documents:,} validation)")
+    print(f"bytes:          {data.bytes:,} ({data.train_bytes:,} train, {data.val_bytes:,} validation)")
+    print(f"tokens:         {data.tokens:,} ({len(data.train_tokens):,} train, {len(data.val_tokens):,} validation)")
+    print(f"bytes/token:    {data.bytes_per_token:.3f} (vocabulary {data.tokenizer.vocab_size:,}, "
+          f"stored as {data.train_tokens.dtype.name})")
+    print(f"tokenizer:      {data.tokenizer_path} ({'trained now' if data.tokenizer_trained else 'reused'})")
+    print(f"token store:    {data.store_dir} ({'reused from the cache' if data.reused else 'built now'})")
 
 
 def cmd_train(args: argparse.Namespace) -> None:

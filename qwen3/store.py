@@ -51,7 +51,7 @@ BATCH_BYTES = 8 * 2**20
 
 @dataclass
 class PreparedData:
-    """A tokenizer and the train/validation token arrays built from the sources."""
+    """A tokenizer and the train/validation token arrays built from the sources, with their counts."""
 
     tokenizer: Tokenizer
     tokenizer_path: Path          # a folder with tokenizer.json and tokenizer_config.json
@@ -59,8 +59,43 @@ class PreparedData:
     val_tokens: np.ndarray
     train_bytes: int              # UTF-8 bytes of the documents in each split, for bits per byte
     val_bytes: int
+    train_documents: int
+    val_documents: int
     store_dir: Path
-    summary: dict[str, Any]
+    sources: list[str]            # the --data arguments, as given
+    reused: bool                  # the store came from the cache
+    tokenizer_trained: bool       # the tokenizer was trained now (not given, not from the cache)
+
+    @property
+    def documents(self) -> int:
+        return self.train_documents + self.val_documents
+
+    @property
+    def bytes(self) -> int:
+        return self.train_bytes + self.val_bytes
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in both splits, the end-of-text id after each document included."""
+        return len(self.train_tokens) + len(self.val_tokens)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / max(self.tokens - self.documents, 1)  # text tokens only, no separators
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The counts and paths as a JSON-ready dict: what run.json records of the data."""
+        return {
+            "sources": self.sources, "documents": self.documents, "bytes": self.bytes, "tokens": self.tokens,
+            "bytes_per_token": self.bytes_per_token,
+            "train_documents": self.train_documents, "val_documents": self.val_documents,
+            "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens),
+            "train_bytes": self.train_bytes, "val_bytes": self.val_bytes,
+            "vocab_size": self.tokenizer.vocab_size, "dtype": self.train_tokens.dtype.name,
+            "cache_dir": str(self.store_dir), "tokenizer_path": str(self.tokenizer_path),
+            "reused": self.reused, "tokenizer_trained": self.tokenizer_trained,
+        }
 
 
 def prepare(sources: list[str], tokenizer: str = "", vocab_size: int = 8192, val_fraction: float = 0.1,
@@ -117,20 +152,9 @@ def prepare(sources: list[str], tokenizer: str = "", vocab_size: int = 8192, val
                 f"the {split} split of {names} has {len(tokens)} tokens ({documents} document(s)), "
                 f"shorter than one window of {min_tokens}; add text or use a shorter sequence length")
 
-    text_tokens = meta["tokens"] - meta["documents"]  # without the end-of-text separators
-    summary = {
-        "sources": [source.spec for source in parsed],
-        "documents": meta["documents"], "bytes": meta["bytes"], "tokens": meta["tokens"],
-        "bytes_per_token": meta["bytes"] / max(text_tokens, 1),
-        "train_documents": meta["train_documents"], "val_documents": meta["val_documents"],
-        "train_tokens": int(len(train_tokens)), "val_tokens": int(len(val_tokens)),
-        "train_bytes": meta["train_bytes"], "val_bytes": meta["val_bytes"],
-        "vocab_size": tok.vocab_size, "dtype": meta["dtype"],
-        "cache_dir": str(store_dir), "tokenizer_path": str(tokenizer_path),
-        "reused": reused, "tokenizer_trained": tokenizer_trained,
-    }
-    return PreparedData(tok, tokenizer_path, train_tokens, val_tokens, meta["train_bytes"],
-                        meta["val_bytes"], store_dir, summary)
+    return PreparedData(tok, tokenizer_path, train_tokens, val_tokens, meta["train_bytes"], meta["val_bytes"],
+                        meta["train_documents"], meta["val_documents"], store_dir,
+                        [source.spec for source in parsed], reused, tokenizer_trained)
 
 
 def _cached_tokenizer(sources: list[Source], fingerprint: list[Any], vocab_size: int, cache: Path,

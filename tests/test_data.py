@@ -95,12 +95,20 @@ def test_default_corpus_store_round_trips_and_splits_by_document(kjv, books) -> 
     assert val_docs == expected_val and len(val_docs) == 7
     assert train_docs == [book for book in books if book not in expected_val]
     assert not set(train_docs) & set(val_docs)
-    summary = kjv.summary
-    assert summary["documents"] == 66 and summary["train_documents"] == 59 and summary["val_documents"] == 7
-    assert kjv.train_bytes + kjv.val_bytes == sum(len(book.encode()) for book in books) == summary["bytes"]
+    assert kjv.documents == 66 and kjv.train_documents == 59 and kjv.val_documents == 7
+    assert kjv.train_bytes + kjv.val_bytes == sum(len(book.encode()) for book in books) == kjv.bytes
     assert kjv.val_bytes == sum(len(book.encode()) for book in expected_val)
-    assert summary["tokens"] == len(kjv.train_tokens) + len(kjv.val_tokens)
-    assert summary["bytes_per_token"] > 2 and summary["dtype"] == "uint16"
+    assert kjv.tokens == len(kjv.train_tokens) + len(kjv.val_tokens)
+    assert kjv.bytes_per_token > 2
+    meta = json.loads((kjv.store_dir / "meta.json").read_text())
+    assert kjv.summary == {  # what run.json records
+        "sources": ["builtin:kjv"], "documents": 66, "bytes": meta["bytes"], "tokens": meta["tokens"],
+        "bytes_per_token": meta["bytes"] / (meta["tokens"] - 66), "train_documents": 59, "val_documents": 7,
+        "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"],
+        "train_bytes": kjv.train_bytes, "val_bytes": kjv.val_bytes, "vocab_size": 512, "dtype": "uint16",
+        "cache_dir": str(kjv.store_dir), "tokenizer_path": str(kjv.tokenizer_path),
+        "reused": False, "tokenizer_trained": True}
+    json.dumps(kjv.summary)
     assert isinstance(kjv.train_tokens, np.memmap) and kjv.train_tokens.dtype == np.uint16
     assert (kjv.tokenizer_path / "tokenizer.json").is_file()
     assert (kjv.tokenizer_path / "tokenizer_config.json").is_file()
@@ -196,21 +204,21 @@ def test_cache_is_reused_and_rebuilt_when_a_source_changes(tmp_path, tokenizer_d
     messages = []
     first = prepare([str(corpus)], tokenizer=str(tokenizer_dir), cache_dir=tmp_path / "cache", progress=False,
                     log=messages.append)
-    assert not first.summary["reused"] and first.summary["val_documents"] == 1
+    assert not first.reused and first.val_documents == 1
     second = prepare([str(corpus)], tokenizer=str(tokenizer_dir), cache_dir=tmp_path / "cache", progress=False,
                      log=messages.append)
-    assert second.summary["reused"] and second.store_dir == first.store_dir
+    assert second.reused and second.store_dir == first.store_dir
     assert any("reusing the cached token store" in message for message in messages)
     assert np.array_equal(first.train_tokens, second.train_tokens)
 
     (corpus / "3.txt").write_text(sentences(6, seed=99))
     third = prepare([str(corpus)], tokenizer=str(tokenizer_dir), cache_dir=tmp_path / "cache", progress=False,
                     log=quiet)
-    assert not third.summary["reused"] and third.store_dir != first.store_dir
+    assert not third.reused and third.store_dir != first.store_dir
     assert len(third.train_tokens) + len(third.val_tokens) != len(first.train_tokens) + len(first.val_tokens)
     # A different split is a different store too.
     other = prepare_small([corpus], tmp_path / "cache", tokenizer_dir, val_fraction=0.3)
-    assert not other.summary["reused"] and other.summary["val_documents"] == 3
+    assert not other.reused and other.val_documents == 3
 
 
 def test_trained_tokenizer_is_cached(tmp_path) -> None:
@@ -221,8 +229,8 @@ def test_trained_tokenizer_is_cached(tmp_path) -> None:
                     log=quiet)
     again = prepare(sources, vocab_size=300, val_fraction=0.5, cache_dir=tmp_path / "cache", progress=False,
                     log=quiet)
-    assert first.summary["tokenizer_trained"] and not again.summary["tokenizer_trained"]
-    assert first.tokenizer.vocab_size == 300 and again.summary["reused"]
+    assert first.tokenizer_trained and not again.tokenizer_trained
+    assert first.tokenizer.vocab_size == 300 and again.reused
 
 
 def test_failed_build_leaves_the_cache_intact(tmp_path, tokenizer_dir) -> None:
@@ -293,7 +301,7 @@ def test_corpus_shorter_than_one_window(tmp_path, tokenizer_dir) -> None:
     single.write_text(sentences(20))
     with pytest.raises(UserError, match=r"validation split of .*one.txt is empty: 1 document.*doc=paragraph"):
         prepare_small([single], tmp_path / "cache", tokenizer_dir)
-    assert prepare_small([f"{single}:doc=line"], tmp_path / "cache", tokenizer_dir).summary["val_documents"] == 2
+    assert prepare_small([f"{single}:doc=line"], tmp_path / "cache", tokenizer_dir).val_documents == 2
 
 
 def test_datasets_extra_is_optional(tmp_path) -> None:
