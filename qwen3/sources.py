@@ -23,7 +23,9 @@ from typing import Any
 from qwen3.errors import UserError
 
 # Text is read and tokenized in pieces of about this size, cut where tokenization is unaffected.
-PIECE_BYTES = 2**20
+# The tokenizer holds ~100 bytes of bookkeeping (alignments, pre-token splits) per byte of a piece
+# while it encodes it, so pieces are small: 64 KB costs a few MB, where 1 MB pieces cost hundreds.
+PIECE_BYTES = 64 * 2**10
 BUILTIN_KJV = "builtin:kjv"
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
@@ -192,15 +194,23 @@ def _record_pieces(text: str) -> Iterator[tuple[str, bool]]:
 
 
 def _safe_cut(text: str | bytes, start: int, end: int) -> int:
-    """The position in (start, end] just after the last newline that is followed by an ASCII
-    character other than whitespace, or -1. Qwen's pre-tokenizer always splits there, so the two
-    sides tokenize exactly as the whole does. Works on str and on UTF-8 bytes alike."""
-    newline = text.rfind(b"\n" if isinstance(text, bytes) else "\n", start, end)
+    """A position in (start, end] where Qwen's pre-tokenizer always splits, or -1: just after the
+    last newline followed by an ASCII character other than whitespace, else just before the last
+    space followed by an ASCII letter (" word" is always a pre-token of its own). The two sides then
+    tokenize exactly as the whole does. Works on str and on UTF-8 bytes alike."""
+    newline_char, space = (b"\n", b" ") if isinstance(text, bytes) else ("\n", " ")
+    newline = text.rfind(newline_char, start, end)
     while newline != -1:
         following = text[newline + 1:newline + 2]
         if following and following.isascii() and not following.isspace():
             return newline + 1
-        newline = text.rfind(b"\n" if isinstance(text, bytes) else "\n", start, newline)
+        newline = text.rfind(newline_char, start, newline)
+    blank = text.rfind(space, start + 1, end - 1)
+    while blank != -1:
+        following = text[blank + 1:blank + 2]
+        if following.isascii() and following.isalpha():
+            return blank
+        blank = text.rfind(space, start + 1, blank)
     return -1
 
 

@@ -9,10 +9,11 @@ import pyarrow.parquet
 import pytest
 import torch
 
+import qwen3.sources as sources
 from qwen3.cli import main
-from qwen3.store import is_validation, prepare
 from qwen3.errors import UserError
 from qwen3.sources import iter_pieces, kjv_books, parse_source
+from qwen3.store import is_validation, prepare
 from qwen3.tokenizer import train_tokenizer
 from qwen3.windows import RandomWindows, eval_windows
 
@@ -187,6 +188,25 @@ def test_streamed_pieces_tokenize_exactly_like_whole_documents(tmp_path, monkeyp
     monkeypatch.setattr("qwen3.sources.PIECE_BYTES", 64)
     monkeypatch.setattr("qwen3.store.BATCH_BYTES", 1000)
     prepared = prepare_small([tmp_path / "long.txt", tmp_path / "long.jsonl"], tmp_path / "cache",
+                             tmp_path / "tokenizer", val_fraction=0.5)
+    expected = prepared.tokenizer.encode(text) + [prepared.tokenizer.eos_token_id]
+    assert prepared.train_tokens.tolist() == expected
+    assert prepared.val_tokens.tolist() == expected
+
+
+def test_a_multi_megabyte_single_line_is_read_in_bounded_pieces_and_tokenized_exactly(tmp_path) -> None:
+    """A document without a newline is cut before spaces, so memory is bounded by a piece, not by it."""
+    rng = np.random.default_rng(3)
+    words = WORDS + ["\u00e9t\u00e9", "Montr\u00e9al", "\u0434\u043e\u0431\u0440\u043e", "\u65e5\u672c", "\U0001f680", "3,5"]
+    text = " ".join(rng.choice(words, size=400_000))  # about 2 MB on one line
+    (tmp_path / "line.txt").write_text(text)
+    (tmp_path / "line.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    for name in ("line.txt", "line.jsonl"):
+        pieces = [piece for piece, _ in iter_pieces([parse_source(str(tmp_path / name))])]
+        assert "".join(pieces) == text and len(pieces) > 20
+        assert max(len(piece.encode()) for piece in pieces) <= 2 * sources.PIECE_BYTES
+    train_tokenizer([text[:100_000]], vocab_size=400).save_pretrained(tmp_path / "tokenizer")
+    prepared = prepare_small([tmp_path / "line.txt", tmp_path / "line.jsonl"], tmp_path / "cache",
                              tmp_path / "tokenizer", val_fraction=0.5)
     expected = prepared.tokenizer.encode(text) + [prepared.tokenizer.eos_token_id]
     assert prepared.train_tokens.tolist() == expected
