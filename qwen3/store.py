@@ -17,6 +17,7 @@ Training and evaluation cut the arrays into windows (qwen3/windows.py).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import json
@@ -39,14 +40,14 @@ from qwen3.sources import BUILTIN_KJV, Source, iter_pieces, parse_source
 from qwen3.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 # Bump when the store's layout or the way documents are read changes: old caches are then ignored.
-STORE_FORMAT_VERSION = 1
-TOKENIZER_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2
+TOKENIZER_FORMAT_VERSION = 2
 # The tokenizer is trained on the first this-many bytes of text, so training it stays memory-flat
 # and bounded in time on a corpus of any size (more text changes the merges of a small vocabulary little).
 TOKENIZER_SAMPLE_BYTES = 64 * 2**20
-# Text handed to one encode_batch call: large enough to keep both cores busy, small enough that the
-# per-token Encoding objects of one batch stay well under 1 GB.
-BATCH_BYTES = 8 * 2**20
+# Text handed to one encode_batch call: 16 pieces, enough to keep the cores busy, while the Encoding
+# objects and id lists of one batch (~150 bytes per token) stay tens of MB.
+BATCH_BYTES = 2**20
 
 
 @dataclass
@@ -132,6 +133,7 @@ def prepare(sources: list[str], tokenizer: str = "", vocab_size: int = 8192, val
         with atomic_directory(store_dir) as directory:
             _build_store(parsed, tok, directory, val_fraction, progress)
             tok.save_pretrained(directory / "tokenizer")  # the store is complete on its own
+        release_freed_memory()
     # A model folder given as the tokenizer is used as it is; otherwise the store's copy.
     given_folder = bool(tokenizer) and Path(tokenizer).is_dir()
     tokenizer_path = Path(tokenizer).resolve() if given_folder else store_dir / "tokenizer"
@@ -173,7 +175,21 @@ def _cached_tokenizer(sources: list[Source], fingerprint: list[Any], vocab_size:
         if first is None:
             raise UserError(f"no text found in {', '.join(source.spec for source in sources)}")
         train_tokenizer(itertools.chain([first], sample), vocab_size).save_pretrained(temporary)
+    release_freed_memory()  # the trainer's word and pair counts, before tokenizing starts
     return directory, True
+
+
+def release_freed_memory() -> bool:
+    """Hand memory freed by the tokenizer's threads back to the kernel (glibc's malloc_trim).
+
+    Each Rust thread allocates from its own glibc arena, and glibc returns an arena's free pages
+    only when asked, so without this the peak of tokenizer training stays resident under the
+    store build that follows. Returns False where the C library is not glibc.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def _sample(sources: list[Source], budget: int) -> Iterator[str]:
