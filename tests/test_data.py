@@ -263,7 +263,9 @@ def test_failed_build_leaves_the_cache_intact(tmp_path, tokenizer_dir) -> None:
     with pytest.raises(UserError, match=r"good.jsonl, line 5: no 'text' field \(fields: 'txt'\)"):
         prepare_small([good], cache, tokenizer_dir, val_fraction=0.5)
     assert {path: path.read_bytes() for path in built.store_dir.rglob("*") if path.is_file()} == before
-    assert sorted(path.name for path in cache.iterdir()) == [built.store_dir.name]  # no temporary left
+    # No temporary left: only the store (a link to its version folder, as checkpoints are).
+    assert not [path.name for path in cache.iterdir() if ".tmp-" in path.name]
+    assert [path.name for path in cache.iterdir() if not path.name.startswith(".")] == [built.store_dir.name]
 
 
 # --- bad input -------------------------------------------------------------------------------------
