@@ -192,6 +192,7 @@ class Generator:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.model.embed_tokens.weight.device
+        self.pad_id = tokenizer.pad_token_id or 0  # any id: padded positions are masked
         self.last_completion: Completion | None = None
         self.prefill_step: DecodeStep = functools.partial(next_token_logits, model)
         self.decode_step = compile_decode_step(self.prefill_step, self.device) if compile else self.prefill_step
@@ -258,42 +259,39 @@ class Generator:
                            max_new, len(ids), self.max_context)
         return SequenceState(ids, params, max_new, self.tokenizer, self.device)
 
+    @torch.inference_mode()
+    def prefill(self, sequences: list[SequenceState]) -> tuple[KVCache, torch.Tensor]:
+        """Run the prompts through the model into a new cache (left-padded, with room for the most
+        tokens any of them may add) and sample each one's first token -> the cache and ids (B,)."""
+        room = max(s.max_new_tokens for s in sequences)
+        cache = self.model.new_kv_cache(len(sequences), max(len(s.context) for s in sequences) + room)
+        input_ids = cache.left_pad([s.context for s in sequences], self.pad_id)
+        return cache, self._sample(self.prefill_step, input_ids, cache, sequences)
+
+    @torch.inference_mode()
+    def decode(self, cache: KVCache, tokens: torch.Tensor, sequences: list[SequenceState]) -> torch.Tensor:
+        """One step: the last sampled ids (B,) run against the cache -> the next ids (B,)."""
+        return self._sample(self.decode_step, tokens[:, None], cache, sequences)
+
+    @staticmethod
+    def _sample(step: DecodeStep, input_ids: torch.Tensor, cache: KVCache,
+                sequences: list[SequenceState]) -> torch.Tensor:
+        """Run new tokens (B, T) through the model against the cache, sample the next ones (B,)."""
+        T = input_ids.shape[1]
+        logits, argmax = step(input_ids, cache.position_ids(T), cache.attention_mask(T), cache)
+        return sample_next_tokens(logits, [s.params for s in sequences], [s.generator for s in sequences],
+                                  [s.context for s in sequences], argmax)
+
     def _run(self, sequences: list[SequenceState]) -> Iterator[list[str]]:
         """Prefill all prompts, then decode until every sequence is finished; yield each step's
-        new text per sequence. Prompts are left-padded: row i's tokens sit at the right end, its
-        pad positions are masked out and its position ids start at 0 on its first real token."""
-        lengths = [len(s.context) for s in sequences]
-        width, steps = max(lengths), max(s.max_new_tokens for s in sequences)
-        pad = self.tokenizer.pad_token_id or 0  # any id: padded positions are masked
-        input_ids = torch.tensor([[pad] * (width - len(s.context)) + s.context for s in sequences],
-                                 device=self.device)
-        cache = self.model.new_kv_cache(len(sequences), width + steps)
-        mask = positions = None
-        if len(set(lengths)) > 1:
-            # (B, width + steps): real prompt tokens and every future token are visible.
-            mask = torch.arange(width + steps, device=self.device)[None, :] >= torch.tensor(
-                [width - n for n in lengths], device=self.device)[:, None]
-            positions = (mask[:, :width].long().cumsum(dim=-1) - 1).clamp(min=0)
-        tokens = self._step(self.prefill_step, input_ids, positions, mask, cache, sequences)
-        for _ in range(steps):
+        new text per sequence. A finished row keeps decoding with the others (its tokens are
+        ignored) until the last one finishes."""
+        cache, tokens = self.prefill(sequences)
+        for _ in range(max(s.max_new_tokens for s in sequences)):
             yield [s.add(t) if s.finish_reason is None else "" for s, t in zip(sequences, tokens.tolist())]
             if all(s.finish_reason is not None for s in sequences):
                 return
-            if positions is not None:
-                # A finished row keeps decoding (its tokens are ignored) and may run past the
-                # context; clamping its position keeps it inside the rotary table.
-                positions = (positions[:, -1:] + 1).clamp(max=self.max_context - 1)
-            tokens = self._step(self.decode_step, tokens[:, None], positions, mask, cache, sequences)
-
-    @staticmethod
-    @torch.inference_mode()
-    def _step(step: DecodeStep, input_ids: torch.Tensor, positions: torch.Tensor | None,
-              mask: torch.Tensor | None, cache: KVCache, sequences: list[SequenceState]) -> torch.Tensor:
-        """Run new tokens (B, T) through the model against the cache, sample the next ones (B,)."""
-        visible = mask[:, :cache.length + input_ids.shape[1]] if mask is not None else None
-        logits, argmax = step(input_ids, positions, visible, cache)
-        return sample_next_tokens(logits, [s.params for s in sequences], [s.generator for s in sequences],
-                                  [s.context for s in sequences], argmax)
+            tokens = self.decode(cache, tokens, sequences)
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:

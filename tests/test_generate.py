@@ -18,11 +18,12 @@ from qwen3.generate import (
     Generator,
     IncrementalDecoder,
     SamplingParams,
+    SequenceState,
     StopChecker,
     load_generator,
     sample_next_tokens,
 )
-from qwen3.model import Qwen3ForCausalLM
+from qwen3.model import KVCache, Qwen3ForCausalLM
 from qwen3.tokenizer import load_tokenizer, train_tokenizer
 
 CORPUS = """In the beginning God created the heaven and the earth.
@@ -112,6 +113,30 @@ def test_batched_equals_one_by_one(generator: Generator) -> None:
         assert completion.token_ids == single.token_ids
         assert completion.text == single.text
         assert completion.prompt_tokens == single.prompt_tokens
+
+
+def test_merged_cache_rows_decode_as_each_prompt_alone(generator: Generator) -> None:
+    """Rows of two left-padded caches merged into one, then a row dropped (what the server's batch
+    does as requests join and leave), decode exactly as each prompt alone."""
+    prompts = ["In the beginning God", "And", "The LORD is my"]
+    alone = [generator.generate(prompt, GREEDY).token_ids for prompt in prompts]
+    states = [SequenceState(generator.tokenizer.encode(prompt), GREEDY, GREEDY.max_new_tokens,
+                            generator.tokenizer, generator.device) for prompt in prompts]
+    first, first_tokens = generator.prefill(states[:1])
+    second, second_tokens = generator.prefill(states[1:])
+    tokens = torch.cat([first_tokens, second_tokens])
+    for state, token in zip(states, tokens.tolist()):
+        state.add(token)
+    cache = KVCache.merge([(first, [0]), (second, [0, 1])], room=GREEDY.max_new_tokens)
+    assert cache.length == max(len(s.context) for s in states) - 1  # the last token is not cached yet
+    rows = [0, 1, 2]
+    for step in range(1, GREEDY.max_new_tokens):
+        if step == 5:  # the middle row leaves
+            cache, rows, tokens = KVCache.merge([(cache, [0, 2])], room=GREEDY.max_new_tokens), [0, 2], tokens[[0, 2]]
+        tokens = generator.decode(cache, tokens, [states[row] for row in rows])
+        for row, token in zip(rows, tokens.tolist()):
+            states[row].add(token)
+    assert [s.token_ids for s in states] == [alone[0], alone[1][:5], alone[2]]
 
 
 def test_batch_takes_per_prompt_params(generator: Generator) -> None:

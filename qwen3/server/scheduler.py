@@ -6,17 +6,17 @@ batch multiplies aggregate throughput. Requests arrive and finish at different t
 continuous: a new request joins at the next step and a finished one leaves at once, without waiting
 for the others.
 
-How the batch is laid out. All running requests ("jobs") share one `KVCache`. Rows are right-aligned:
-row i's tokens occupy the last `job.cached` cache positions; the positions before them are padding,
-masked out by a (B, S) attention mask, and each row's position ids count its own tokens only. Every
-decode step appends one token to every row, so the rows stay right-aligned. A new job is prefilled
-(together with the other newcomers, left-padded) into a cache of its own, then both caches are copied
-into a new one whose length is the longest row; when jobs leave, the survivors are copied the same
-way, so padding never accumulates. A membership change thus costs one copy of the cache, about what
-one decode step reads anyway.
+How the batch is laid out. All running requests ("jobs") share one `KVCache`, its rows right-aligned
+(left-padded); the cache masks the padding and numbers each row's own tokens. Every decode step
+appends one token to every row, so the rows stay right-aligned. New jobs are prefilled together into
+a cache of their own, then both caches are merged into a new one whose length is the longest row
+(`KVCache.merge`); when jobs leave, the survivors are merged the same way, so padding never
+accumulates. A membership change thus costs one copy of the cache, about what one decode step reads
+anyway.
 
-Per-token handling (sampling, stop tokens, stop strings, text decoding, finish reasons) is
-generate.py's, so a request served alone produces exactly what `qwen3 generate` produces.
+Prefill, decode steps, sampling and per-token handling (stop tokens, stop strings, text decoding,
+finish reasons) are the `Generator`'s, so a request served alone produces exactly what
+`qwen3 generate` produces.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen3.generate import SamplingParams, SequenceState, sample_next_tokens
+from qwen3.generate import Generator, SamplingParams, SequenceState
 from qwen3.model import KVCache, Qwen3ForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,6 @@ class Job:
         self.events = events
         self.loop = loop
         self.cancelled = False
-        self.cached = 0  # this job's positions in the batch's KV cache (scheduler thread only)
 
 
 def send(messages: list[tuple[Job, Event]]) -> None:
@@ -89,12 +88,10 @@ def deliver(messages: list[tuple[Job, Event]]) -> None:
 
 @dataclass
 class Batch:
-    """Running jobs and their shared cache; `mask` (B, cache.length) is True on real tokens."""
+    """Running jobs and their shared cache, row i of the cache being jobs[i]'s."""
 
     jobs: list[Job]
     cache: KVCache
-    mask: torch.Tensor
-    padded: bool  # some row is shorter than the cache: the mask and position ids must be passed
 
 
 class Scheduler:
@@ -107,12 +104,10 @@ class Scheduler:
     def __init__(self, model: Qwen3ForCausalLM, tokenizer, max_batch: int = 16, max_queue: int = 64) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be at least 1, got {max_batch}, {max_queue}")
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.device = model.model.embed_tokens.weight.device
+        self.generator = Generator(model, tokenizer)
+        self.device = self.generator.device
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.pad_id = tokenizer.pad_token_id or 0  # any id: padded positions are masked
         self.condition = threading.Condition()
         self.waiting: deque[Job] = deque()  # guarded by `condition`
         self.stopping = False
@@ -123,7 +118,7 @@ class Scheduler:
 
     @property
     def context(self) -> int:
-        return self.model.config.max_position_embeddings
+        return self.generator.max_context
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, name="qwen3-scheduler", daemon=True)
@@ -195,48 +190,24 @@ class Scheduler:
             return [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
 
     def _admit(self, jobs: list[Job]) -> None:
-        """Prefill the newcomers together (left-padded), sample their first tokens, join the batch."""
-        lengths = [len(job.state.context) for job in jobs]
-        width = max(lengths)
-        input_ids = torch.tensor([[self.pad_id] * (width - len(job.state.context)) + job.state.context
-                                  for job in jobs], device=self.device)
-        starts = torch.tensor([width - n for n in lengths], device=self.device)
-        mask = torch.arange(width, device=self.device)[None, :] >= starts[:, None]  # (n, width)
-        padded = len(set(lengths)) > 1
-        positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0) if padded else None
-        # Room for the whole generation, so that when no batch is running this cache becomes it.
-        cache = self.model.new_kv_cache(len(jobs), width + max(job.state.max_new_tokens for job in jobs))
-        logits = self.model(input_ids, position_ids=positions, attention_mask=mask if padded else None,
-                            kv_cache=cache, logits_to_keep=1)[:, -1]
-        for job, length in zip(jobs, lengths):
-            job.cached = length
-        arrivals = Batch(jobs, cache, mask, padded)
-        self._sample(arrivals, logits)
+        """Prefill the newcomers together, send their first tokens, join the batch."""
+        # The prefill's cache has room for the whole generation: with no batch running, it is the batch.
+        cache, tokens = self.generator.prefill([job.state for job in jobs])
+        arrivals = Batch(jobs, cache)
+        self._add(arrivals, tokens)
         self._set_batch(self._merge([self.batch, arrivals]))
 
     def _step(self) -> None:
         """One token for every running job; finished and cancelled jobs leave the batch."""
         batch = self.batch
-        input_ids = torch.tensor([[job.state.token_ids[-1]] for job in batch.jobs], device=self.device)
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.jobs), 1)], dim=1)
-        positions = mask = None
-        if batch.padded:
-            positions = torch.tensor([[job.cached] for job in batch.jobs], device=self.device)
-            mask = batch.mask
-        logits = self.model(input_ids, position_ids=positions, attention_mask=mask,
-                            kv_cache=batch.cache, logits_to_keep=1)[:, -1]
-        for job in batch.jobs:
-            job.cached += 1
-        self._sample(batch, logits)
+        last = torch.tensor([job.state.token_ids[-1] for job in batch.jobs], device=self.device)
+        self._add(batch, self.generator.decode(batch.cache, last, [job.state for job in batch.jobs]))
         self._set_batch(self._merge([batch]))
 
-    def _sample(self, batch: Batch, logits: torch.Tensor) -> None:
-        """Sample each row's next token and send the text it completes to the row's client."""
-        states = [job.state for job in batch.jobs]
-        tokens = sample_next_tokens(logits, [s.params for s in states], [s.generator for s in states],
-                                    [s.context for s in states]).tolist()
+    def _add(self, batch: Batch, tokens: torch.Tensor) -> None:
+        """Give each row its sampled token and send the text it completes to the row's client."""
         messages = []
-        for job, token in zip(batch.jobs, tokens):
+        for job, token in zip(batch.jobs, tokens.tolist()):
             if job.cancelled:
                 continue
             piece = job.state.add(token)
@@ -247,11 +218,7 @@ class Scheduler:
         send(messages)
 
     def _merge(self, batches: list[Batch | None]) -> Batch | None:
-        """One batch of the unfinished, uncancelled jobs of `batches`, its cache as short as can be.
-
-        Each row's last `job.cached` positions are copied to the right end of a new cache whose
-        length is the longest row's, with room for the most tokens any row may still add.
-        """
+        """One batch of the unfinished, uncancelled jobs of `batches`, its cache as short as can be."""
         parts = []
         for batch in batches:
             if batch is not None:
@@ -267,24 +234,10 @@ class Scheduler:
         jobs = [batch.jobs[i] for batch, rows in parts for i in rows]
         if not jobs:
             return None
-        length = max(job.cached for job in jobs)
         # The last sampled token of each job is not cached yet: a job may still add
         # max_new_tokens - len(token_ids) positions.
         room = max(job.state.max_new_tokens - len(job.state.token_ids) for job in jobs)
-        cache = self.model.new_kv_cache(len(jobs), length + room)
-        cache.length = length
-        mask = torch.zeros(len(jobs), length, dtype=torch.bool, device=self.device)
-        start = 0
-        for batch, rows in parts:
-            index = torch.tensor(rows, device=self.device)
-            end, old = start + len(rows), batch.cache.length
-            take = min(old, length)  # the columns before these are padding in every kept row
-            for layer in range(len(cache.keys)):
-                cache.keys[layer][start:end, :, length - take:length] = batch.cache.keys[layer][index, :, old - take:old]
-                cache.values[layer][start:end, :, length - take:length] = batch.cache.values[layer][index, :, old - take:old]
-            mask[start:end, length - take:] = batch.mask[index, old - take:]
-            start = end
-        return Batch(jobs, cache, mask, padded=any(job.cached != length for job in jobs))
+        return Batch(jobs, KVCache.merge([(batch.cache, rows) for batch, rows in parts], room))
 
     def _set_batch(self, batch: Batch | None) -> None:
         self.batch = batch
