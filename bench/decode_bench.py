@@ -1,4 +1,4 @@
-"""Decoding speed of qwen3.generate against transformers' `generate`, and what int8 costs.
+"""Decoding speed of qwen3.engine against transformers' `generate`, and what int8 costs.
 
 Both run the same checkpoint folder on the same device in one process, interleaved repeat by repeat,
 and every ratio compares numbers from this run. Each figure is the median of --repeats runs.
@@ -33,9 +33,10 @@ import transformers
 
 from qwen3.checkpoint import find_checkpoint, load_model, save_model
 from qwen3.config import ModelConfig
-from qwen3.generate import Generator, SamplingParams, quantize_int8
-from qwen3.runtime import resolve_device
+from qwen3.engine import Engine, quantize_int8
 from qwen3.model import Qwen3ForCausalLM
+from qwen3.runtime import resolve_device
+from qwen3.sampling import SamplingParams
 from qwen3.tokenizer import load_tokenizer, train_tokenizer
 
 # Public-domain text (Genesis 1:1-8, King James Version) for the perplexity comparison.
@@ -85,9 +86,9 @@ class Contenders:
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype, compile: bool) -> None:
         tokenizer = load_tokenizer(folder)
-        self.ours = {"ours": Generator(load_model(folder, device, dtype), tokenizer)}
+        self.ours = {"ours": Engine(load_model(folder, device, dtype), tokenizer)}
         if compile:
-            self.ours["ours compiled"] = Generator(load_model(folder, device, dtype), tokenizer, compile=True)
+            self.ours["ours compiled"] = Engine(load_model(folder, device, dtype), tokenizer, compile=True)
         self.hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
         self.hf_config = copy.deepcopy(self.hf.generation_config)
         self.hf_config.eos_token_id = None  # always generate the full count, as ours below
@@ -146,17 +147,17 @@ def int8_comparison(folder: Path, label: str, repeats: int, new_tokens: int,
     """Decode speed and perplexity of int8 (torch.ao dynamic quantization) against float32."""
     tokenizer = load_tokenizer(folder)
     models = {"float32": load_model(folder, "cpu"), "int8": quantize_int8(load_model(folder, "cpu"))}
-    generators = {name: Generator(model, tokenizer) for name, model in models.items()}
+    engines = {name: Engine(model, tokenizer) for name, model in models.items()}
     context = models["float32"].config.max_position_embeddings
     ids = torch.tensor((tokenizer.encode(TEXT) * context)[:context])
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens, stop_token_ids=[])
     prompt = ids[:16].tolist()
-    times: dict[str, list[float]] = {name: [] for name in generators}
-    for generator in generators.values():  # warm-up
-        generator.generate(prompt, params)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for engine in engines.values():  # warm-up
+        engine.generate(prompt, params)
     for _ in range(repeats):
-        for name, generator in generators.items():
-            times[name].append(seconds(lambda: generator.generate(prompt, params), torch.device("cpu"), clock))
+        for name, engine in engines.items():
+            times[name].append(seconds(lambda: engine.generate(prompt, params), torch.device("cpu"), clock))
     speed = {name: new_tokens / statistics.median(values) for name, values in times.items()}
     ppl = {name: perplexity(model, ids) for name, model in models.items()}
     print(f"  {label:34} {speed['float32']:9.0f} {speed['int8']:9.0f} ({speed['int8'] / speed['float32']:4.2f}x)"

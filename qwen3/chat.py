@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TextIO
 
 from qwen3.checkpoint import CheckpointError, find_checkpoint
+from qwen3.engine import Engine, load_engine
 from qwen3.errors import UserError
-from qwen3.generate import Generator, SamplingParams, load_generator
+from qwen3.sampling import SamplingParams
 
 DEFAULT_RUN = Path("runs/seed")
 DEMO_PROMPTS = [
@@ -43,14 +44,14 @@ SETTABLE = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max
 
 
 def open_checkpoint(path: str | Path, device: str = "auto", quantize: str | None = None,
-                    compile: bool = False) -> Generator:
-    """A Generator for a checkpoint or run folder; a missing one says how to train it."""
+                    compile: bool = False) -> Engine:
+    """An Engine for a checkpoint or run folder; a missing one says how to train it."""
     try:
         folder = find_checkpoint(path)
     except CheckpointError as error:
         raise UserError(f"no trained checkpoint ({error}); train one with `python train_qwen3.py` "
                         f"(or `make demo`), or pass a checkpoint folder") from None
-    return load_generator(folder, device=device, quantize=quantize, compile=compile)
+    return load_engine(folder, device=device, quantize=quantize, compile=compile)
 
 
 def run_demo(path: str | Path = DEFAULT_RUN, params: SamplingParams | None = None, *,
@@ -58,11 +59,11 @@ def run_demo(path: str | Path = DEFAULT_RUN, params: SamplingParams | None = Non
              output_stream: TextIO = sys.stdout) -> None:
     """Continue each of DEMO_PROMPTS with the checkpoint (a run folder means its best/) and print them."""
     params = (params or DEMO_PARAMS).validate()
-    generator = open_checkpoint(path, device, quantize, compile)
+    engine = open_checkpoint(path, device, quantize, compile)
     for number, prompt in enumerate(DEMO_PROMPTS, 1):
         output_stream.write(f"\n[{number}/{len(DEMO_PROMPTS)}] {prompt}")
         output_stream.flush()
-        for piece in generator.stream(prompt, params):
+        for piece in engine.stream(prompt, params):
             output_stream.write(piece)
             output_stream.flush()
         output_stream.write("\n")
@@ -72,12 +73,12 @@ def run_demo(path: str | Path = DEFAULT_RUN, params: SamplingParams | None = Non
 class ChatSession:
     """A conversation: the messages so far, the settings, and how they become the model's prompt."""
 
-    def __init__(self, generator: Generator, params: SamplingParams, system: str | None = None) -> None:
-        self.generator = generator
+    def __init__(self, engine: Engine, params: SamplingParams, system: str | None = None) -> None:
+        self.engine = engine
         self.params = params.validate()
         self.system = system
         self.messages: list[dict[str, str]] = []
-        self.template = generator.tokenizer.chat_template is not None
+        self.template = engine.tokenizer.chat_template is not None
         self.last_prompt = ""
 
     def reset(self) -> None:
@@ -87,7 +88,7 @@ class ChatSession:
         """The prompt text for a reply after `messages`."""
         if self.template:
             system = [{"role": "system", "content": self.system}] if self.system else []
-            return self.generator.tokenizer.apply_chat_template(system + messages, add_generation_prompt=True)
+            return self.engine.tokenizer.apply_chat_template(system + messages, add_generation_prompt=True)
         # Plain continuation: each user turn on a new line, each reply continuing it.
         text = ""
         for message in messages:
@@ -102,11 +103,11 @@ class ChatSession:
         A reply is given room for max_new_tokens, but at most half the context, so a long setting
         does not erase the whole history; the newest user message is always kept.
         """
-        context = self.generator.max_context
+        context = self.engine.max_context
         room = min(self.params.max_new_tokens, context // 2)
         while True:
             self.last_prompt = self.render(self.messages)
-            ids = self.generator.encode_prompt(self.last_prompt)
+            ids = self.engine.encode_prompt(self.last_prompt)
             if len(ids) + room <= context or len(self.messages) <= 1:
                 return ids
             # Drop the oldest exchange: a user message and the reply that followed it.
@@ -116,11 +117,11 @@ class ChatSession:
         """Add the user's message and stream the model's answer, which joins the history."""
         self.messages.append({"role": "user", "content": text})
         ids = self.prompt_ids()
-        budget = max(1, self.generator.max_context - len(ids))
+        budget = max(1, self.engine.max_context - len(ids))
         params = dataclasses.replace(self.params, max_new_tokens=min(self.params.max_new_tokens, budget))
         pieces = []
         try:
-            for piece in self.generator.stream(ids, params):
+            for piece in self.engine.stream(ids, params):
                 pieces.append(piece)
                 yield piece
         finally:  # an interrupted reply still joins the history as far as it got
@@ -149,7 +150,7 @@ class ChatSession:
         if name == "mode":
             if argument not in ("chat", "plain"):
                 return "usage: /mode chat|plain"
-            if argument == "chat" and self.generator.tokenizer.chat_template is None:
+            if argument == "chat" and self.engine.tokenizer.chat_template is None:
                 return "this tokenizer has no chat template; staying in plain mode"
             self.template = argument == "chat"
             return f"(mode: {argument})"
@@ -198,11 +199,11 @@ def run_chat(path: str | Path = DEFAULT_RUN, params: SamplingParams | None = Non
              device: str = "auto", quantize: str | None = None, compile: bool = False,
              system: str | None = None) -> None:
     """Chat with the checkpoint in the terminal until /quit, Ctrl-D or Ctrl-C."""
-    generator = open_checkpoint(path, device, quantize, compile)
-    session = ChatSession(generator, params or SamplingParams(), system)
+    engine = open_checkpoint(path, device, quantize, compile)
+    session = ChatSession(engine, params or SamplingParams(), system)
     mode = "chat template" if session.template else "plain continuation"
     output_stream.write(f"Chatting with {find_checkpoint(path)} ({mode}, context "
-                        f"{generator.max_context} tokens). /help for commands; /quit or Ctrl-D leaves.\n")
+                        f"{engine.max_context} tokens). /help for commands; /quit or Ctrl-D leaves.\n")
     try:
         while True:
             line = read_line("\nyou> ", input_stream, output_stream)

@@ -76,11 +76,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from qwen3.generate import SamplingParams, load_generator
+    from qwen3.engine import load_engine
+    from qwen3.sampling import SamplingParams
 
     params = SamplingParams.from_dict(vars(args))
-    generator = load_generator(args.dir, device=args.device, quantize=args.quantize, compile=args.compile)
-    for piece in generator.stream(args.prompt, params):  # the generated text alone, as it comes
+    engine = load_engine(args.dir, device=args.device, quantize=args.quantize, compile=args.compile)
+    for piece in engine.stream(args.prompt, params):  # the generated text alone, as it comes
         sys.stdout.write(piece)
         sys.stdout.flush()
     if sys.stdout.isatty():
@@ -89,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from qwen3.chat import run_chat
-    from qwen3.generate import SamplingParams
+    from qwen3.sampling import SamplingParams
 
     run_chat(args.dir, SamplingParams.from_dict(vars(args)), device=args.device,
              quantize=args.quantize, compile=args.compile)

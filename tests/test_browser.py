@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from qwen3.checkpoint import load_model
-from qwen3.generate import Generator, SamplingParams
+from qwen3.engine import Engine
+from qwen3.sampling import SamplingParams
 from qwen3.server.app import create_app
 from qwen3.tokenizer import load_tokenizer
 from test_server import MODEL_NAME, ServerThread, make_checkpoint
@@ -61,7 +62,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     model, tokenizer = load_model(folder), load_tokenizer(folder)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": TRIGGER}])
     memorize(model, tokenizer, prompt, MODEL_MARKUP)
-    assert Generator(model, tokenizer).generate(prompt, SamplingParams(temperature=0)).text == MODEL_MARKUP
+    assert Engine(model, tokenizer).generate(prompt, SamplingParams(temperature=0)).text == MODEL_MARKUP
     with ServerThread(create_app(model, tokenizer, MODEL_NAME)) as running:
         yield running
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from qwen3.chat import DEMO_PROMPTS, ChatSession, run_chat, run_demo
+from qwen3.engine import Engine, load_engine
 from qwen3.errors import UserError
-from qwen3.generate import Generator, SamplingParams, load_generator
+from qwen3.sampling import SamplingParams
 from test_generate import build_checkpoint
 
 REPLY = SamplingParams(temperature=0, max_new_tokens=6)
@@ -33,29 +34,29 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def generator(folder: Path) -> Generator:
-    return load_generator(folder, device="cpu")
+def engine(folder: Path) -> Engine:
+    return load_engine(folder, device="cpu")
 
 
-def expected_replies(generator: Generator, turns: list[str]) -> list[str]:
+def expected_replies(engine: Engine, turns: list[str]) -> list[str]:
     """What the model answers to each turn, given the whole conversation before it."""
     messages, replies = [], []
     for turn in turns:
         messages.append({"role": "user", "content": turn})
-        prompt = generator.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        replies.append(generator.generate(prompt, REPLY).text)
+        prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        replies.append(engine.generate(prompt, REPLY).text)
         messages.append({"role": "assistant", "content": replies[-1]})
     return replies
 
 
-def test_multi_turn_chat_over_a_pipe(folder: Path, generator: Generator) -> None:
+def test_multi_turn_chat_over_a_pipe(folder: Path, engine: Engine) -> None:
     turns = ["In the beginning", "And God said"]
     result = subprocess.run([*CHAT, str(folder)], input="\n".join(turns) + "\n/prompt\n",
                             capture_output=True, text=True, encoding="utf-8", timeout=120, env=ENV)
     assert result.returncode == 0, result.stderr
-    first, second = expected_replies(generator, turns)
+    first, second = expected_replies(engine, turns)
     # The second reply is the model's answer to the whole history, not to the second turn alone.
-    alone = generator.generate(generator.tokenizer.apply_chat_template(
+    alone = engine.generate(engine.tokenizer.apply_chat_template(
         [{"role": "user", "content": turns[1]}]), REPLY).text
     assert second != alone
     assert f"bot> {first}\n" in result.stdout and f"bot> {second}\n" in result.stdout
@@ -104,10 +105,10 @@ class Terminal:
         raise AssertionError("the chat did not exit")
 
 
-def test_chat_in_a_terminal_remembers_and_exits_on_ctrl_d(folder: Path, generator: Generator) -> None:
+def test_chat_in_a_terminal_remembers_and_exits_on_ctrl_d(folder: Path, engine: Engine) -> None:
     terminal = Terminal([*CHAT, str(folder)])
     terminal.read_until("you> ")
-    first, second = expected_replies(generator, ["Let there be light", "and there was"])
+    first, second = expected_replies(engine, ["Let there be light", "and there was"])
     terminal.type("Let there be light\n")
     assert f"bot> {first}" in terminal.read_until("you> ")
     terminal.type("/set temperature 0.5\n")
@@ -138,21 +139,21 @@ def test_ctrl_c_leaves_the_chat_cleanly(folder: Path) -> None:
     assert "Traceback" not in terminal.output
 
 
-def test_history_is_trimmed_to_fit_the_context(generator: Generator) -> None:
-    session = ChatSession(generator, SamplingParams(temperature=0, max_new_tokens=100))
+def test_history_is_trimmed_to_fit_the_context(engine: Engine) -> None:
+    session = ChatSession(engine, SamplingParams(temperature=0, max_new_tokens=100))
     for turn in range(12):
         "".join(session.reply(f"turn {turn}: The LORD is my shepherd; I shall not want."))
-        prompt_tokens = generator.last_completion.prompt_tokens
-        assert prompt_tokens == len(generator.encode_prompt(session.last_prompt))  # nothing cropped
-        assert prompt_tokens + min(100, generator.max_context // 2) <= generator.max_context
+        prompt_tokens = engine.last_completion.prompt_tokens
+        assert prompt_tokens == len(engine.encode_prompt(session.last_prompt))  # nothing cropped
+        assert prompt_tokens + min(100, engine.max_context // 2) <= engine.max_context
     assert session.messages[-2]["content"].startswith("turn 11")
     assert not any(m["content"].startswith("turn 0:") for m in session.messages)  # forgotten
     session.reset()
     assert session.messages == []
 
 
-def test_commands(generator: Generator) -> None:
-    session = ChatSession(generator, SamplingParams())
+def test_commands(engine: Engine) -> None:
+    session = ChatSession(engine, SamplingParams())
     assert "/reset" in session.command("/help")
     assert session.command("/set top_p 2") == "top_p must be in (0, 1], got 2.0"
     assert session.command("/set top_k many") == "top_k needs a number, got 'many'"

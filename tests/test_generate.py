@@ -13,17 +13,10 @@ import torch
 
 from qwen3.checkpoint import save_model
 from qwen3.config import ModelConfig
+from qwen3.engine import Engine, IncrementalDecoder, SequenceState, load_engine
 from qwen3.errors import UserError
-from qwen3.generate import (
-    Generator,
-    IncrementalDecoder,
-    SamplingParams,
-    SequenceState,
-    StopChecker,
-    load_generator,
-    sample_next_tokens,
-)
 from qwen3.model import KVCache, Qwen3ForCausalLM
+from qwen3.sampling import SamplingParams, StopChecker, sample_next_tokens
 from qwen3.tokenizer import load_tokenizer, train_tokenizer
 
 CORPUS = """In the beginning God created the heaven and the earth.
@@ -55,8 +48,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def generator(folder: Path) -> Generator:
-    return load_generator(folder, device="cpu")
+def engine(folder: Path) -> Engine:
+    return load_engine(folder, device="cpu")
 
 
 def transformers_greedy(folder: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -68,10 +61,10 @@ def transformers_greedy(folder: Path, prompt_ids: list[int], max_new_tokens: int
     return output[0, len(prompt_ids):].tolist()
 
 
-def test_greedy_matches_transformers_on_our_checkpoint(folder: Path, generator: Generator) -> None:
+def test_greedy_matches_transformers_on_our_checkpoint(folder: Path, engine: Engine) -> None:
     for prompt in ("In the beginning", "The LORD is"):
-        ids = generator.tokenizer.encode(prompt)
-        ours = generator.generate(ids, GREEDY).token_ids
+        ids = engine.tokenizer.encode(prompt)
+        ours = engine.generate(ids, GREEDY).token_ids
         assert ours == transformers_greedy(folder, ids, GREEDY.max_new_tokens)
 
 
@@ -87,43 +80,43 @@ def test_greedy_matches_transformers_on_another_shape(tmp_path: Path, folder: Pa
     torch.manual_seed(1)
     transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    generator = load_generator(tmp_path, device="cpu")
-    assert not generator.model.config.tie_word_embeddings and generator.model.config.head_dim == 24
+    engine = load_engine(tmp_path, device="cpu")
+    assert not engine.model.config.tie_word_embeddings and engine.model.config.head_dim == 24
     ids = tokenizer.encode("And God said")
-    ours = generator.generate(ids, GREEDY).token_ids
+    ours = engine.generate(ids, GREEDY).token_ids
     assert ours == transformers_greedy(tmp_path, ids, GREEDY.max_new_tokens)
 
 
-def test_cached_decoding_equals_recomputing(generator: Generator) -> None:
-    ids = generator.tokenizer.encode("And the earth")
-    cached = generator.generate(ids, GREEDY).token_ids
+def test_cached_decoding_equals_recomputing(engine: Engine) -> None:
+    ids = engine.tokenizer.encode("And the earth")
+    cached = engine.generate(ids, GREEDY).token_ids
     sequence = list(ids)
     with torch.inference_mode():
         for _ in range(len(cached)):
-            logits = generator.model(torch.tensor([sequence]))[0, -1]
+            logits = engine.model(torch.tensor([sequence]))[0, -1]
             sequence.append(int(logits.argmax()))
     assert cached == sequence[len(ids):]
 
 
-def test_batched_equals_one_by_one(generator: Generator) -> None:
+def test_batched_equals_one_by_one(engine: Engine) -> None:
     prompts = ["In", "And God said, Let there be light", "The LORD is my", [5, 6, 7, 8, 9, 10, 11]]
-    batched = generator.generate_batch(prompts, GREEDY)
+    batched = engine.generate_batch(prompts, GREEDY)
     for prompt, completion in zip(prompts, batched):
-        single = generator.generate(prompt, GREEDY)
+        single = engine.generate(prompt, GREEDY)
         assert completion.token_ids == single.token_ids
         assert completion.text == single.text
         assert completion.prompt_tokens == single.prompt_tokens
 
 
-def test_merged_cache_rows_decode_as_each_prompt_alone(generator: Generator) -> None:
+def test_merged_cache_rows_decode_as_each_prompt_alone(engine: Engine) -> None:
     """Rows of two left-padded caches merged into one, then a row dropped (what the server's batch
     does as requests join and leave), decode exactly as each prompt alone."""
     prompts = ["In the beginning God", "And", "The LORD is my"]
-    alone = [generator.generate(prompt, GREEDY).token_ids for prompt in prompts]
-    states = [SequenceState(generator.tokenizer.encode(prompt), GREEDY, GREEDY.max_new_tokens,
-                            generator.tokenizer, generator.device) for prompt in prompts]
-    first, first_tokens = generator.prefill(states[:1])
-    second, second_tokens = generator.prefill(states[1:])
+    alone = [engine.generate(prompt, GREEDY).token_ids for prompt in prompts]
+    states = [SequenceState(engine.tokenizer.encode(prompt), GREEDY, GREEDY.max_new_tokens,
+                            engine.tokenizer, engine.device) for prompt in prompts]
+    first, first_tokens = engine.prefill(states[:1])
+    second, second_tokens = engine.prefill(states[1:])
     tokens = torch.cat([first_tokens, second_tokens])
     for state, token in zip(states, tokens.tolist()):
         state.add(token)
@@ -133,30 +126,30 @@ def test_merged_cache_rows_decode_as_each_prompt_alone(generator: Generator) -> 
     for step in range(1, GREEDY.max_new_tokens):
         if step == 5:  # the middle row leaves
             cache, rows, tokens = KVCache.merge([(cache, [0, 2])], room=GREEDY.max_new_tokens), [0, 2], tokens[[0, 2]]
-        tokens = generator.decode(cache, tokens, [states[row] for row in rows])
+        tokens = engine.decode(cache, tokens, [states[row] for row in rows])
         for row, token in zip(rows, tokens.tolist()):
             states[row].add(token)
     assert [s.token_ids for s in states] == [alone[0], alone[1][:5], alone[2]]
 
 
-def test_batch_takes_per_prompt_params(generator: Generator) -> None:
+def test_batch_takes_per_prompt_params(engine: Engine) -> None:
     short = SamplingParams(temperature=0, max_new_tokens=3)
-    batched = generator.generate_batch(["In the", "And"], [short, GREEDY])
+    batched = engine.generate_batch(["In the", "And"], [short, GREEDY])
     assert [c.completion_tokens for c in batched] == [3, GREEDY.max_new_tokens]
     assert batched[0].finish_reason == "length"
     with pytest.raises(UserError, match="2 prompts but 1"):
-        generator.generate_batch(["a", "b"], [short])
+        engine.generate_batch(["a", "b"], [short])
 
 
-def test_same_seed_gives_the_same_sample(generator: Generator) -> None:
+def test_same_seed_gives_the_same_sample(engine: Engine) -> None:
     def sample(seed: int) -> list[int]:
         params = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=seed, max_new_tokens=20)
-        return generator.generate("In the beginning", params).token_ids
+        return engine.generate("In the beginning", params).token_ids
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
-    batch = generator.generate_batch(["a", "b"], SamplingParams(temperature=1.0, seed=3, max_new_tokens=8))
-    again = generator.generate_batch(["a", "b"], SamplingParams(temperature=1.0, seed=3, max_new_tokens=8))
+    batch = engine.generate_batch(["a", "b"], SamplingParams(temperature=1.0, seed=3, max_new_tokens=8))
+    again = engine.generate_batch(["a", "b"], SamplingParams(temperature=1.0, seed=3, max_new_tokens=8))
     assert [c.token_ids for c in batch] == [c.token_ids for c in again]
 
 
@@ -195,21 +188,21 @@ def test_sampling_params_validation() -> None:
     assert SamplingParams.from_dict({"temperature": 0, "other": 1}).temperature == 0
 
 
-def test_stop_string_ends_the_text_before_it(generator: Generator) -> None:
-    full = generator.generate("In the beginning", GREEDY)
+def test_stop_string_ends_the_text_before_it(engine: Engine) -> None:
+    full = engine.generate("In the beginning", GREEDY)
     start = next(i for i in range(4, len(full.text) - 3) if "\ufffd" not in full.text[i:i + 3])
     stop = full.text[start:start + 3]
-    stopped = generator.generate("In the beginning", SamplingParams(temperature=0, max_new_tokens=24, stop=[stop]))
+    stopped = engine.generate("In the beginning", SamplingParams(temperature=0, max_new_tokens=24, stop=[stop]))
     assert stopped.text == full.text[:full.text.index(stop)]
     assert stopped.finish_reason == "stop"
-    streamed = "".join(generator.stream("In the beginning", SamplingParams(temperature=0, stop=[stop])))
+    streamed = "".join(engine.stream("In the beginning", SamplingParams(temperature=0, stop=[stop])))
     assert streamed == stopped.text
 
 
-def test_stop_token_ends_generation(generator: Generator) -> None:
-    full = generator.generate("And", GREEDY)
+def test_stop_token_ends_generation(engine: Engine) -> None:
+    full = engine.generate("And", GREEDY)
     stop_id = full.token_ids[3]
-    stopped = generator.generate("And", SamplingParams(temperature=0, max_new_tokens=24, stop_token_ids=[stop_id]))
+    stopped = engine.generate("And", SamplingParams(temperature=0, max_new_tokens=24, stop_token_ids=[stop_id]))
     assert stopped.token_ids == full.token_ids[:full.token_ids.index(stop_id) + 1]
     assert stopped.finish_reason == "stop"
     assert full.finish_reason == "length" and full.completion_tokens == GREEDY.max_new_tokens
@@ -227,8 +220,8 @@ def test_stop_checker_holds_back_a_possible_start() -> None:
     assert StopChecker([]).push("anything") == ("anything", False)
 
 
-def test_streaming_never_splits_a_multibyte_character(generator: Generator) -> None:
-    tokenizer = generator.tokenizer
+def test_streaming_never_splits_a_multibyte_character(engine: Engine) -> None:
+    tokenizer = engine.tokenizer
     text = "Grüße 😀 日本語 ok"  # none of it in the tokenizer's corpus: byte-level pieces
     ids = tokenizer.encode(text)
     assert len(ids) > len(text)  # characters really are split across tokens
@@ -236,48 +229,48 @@ def test_streaming_never_splits_a_multibyte_character(generator: Generator) -> N
     pieces = [decoder.push(token) for token in ids] + [decoder.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in piece for piece in pieces)
-    # Through the generator: the pieces are the completion's text.
-    pieces = list(generator.stream("In", SamplingParams(temperature=0, max_new_tokens=30)))
-    assert "".join(pieces) == generator.last_completion.text
+    # Through the engine: the pieces are the completion's text.
+    pieces = list(engine.stream("In", SamplingParams(temperature=0, max_new_tokens=30)))
+    assert "".join(pieces) == engine.last_completion.text
 
 
-def test_long_prompt_is_cropped_with_a_warning(generator: Generator, caplog: pytest.LogCaptureFixture) -> None:
-    context = generator.max_context
+def test_long_prompt_is_cropped_with_a_warning(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    context = engine.max_context
     long_prompt = list(range(10, 10 + 2 * context))
-    with caplog.at_level(logging.WARNING, logger="qwen3.generate"):
-        completion = generator.generate(long_prompt, SamplingParams(temperature=0, max_new_tokens=10))
+    with caplog.at_level(logging.WARNING, logger="qwen3.engine"):
+        completion = engine.generate(long_prompt, SamplingParams(temperature=0, max_new_tokens=10))
     assert completion.prompt_tokens == context - 1
     assert completion.completion_tokens == 1  # limited so prompt + completion fit the context
     assert "keeping its last" in caplog.text and "max_new_tokens limited" in caplog.text
-    cropped = generator.generate(long_prompt[-(context - 1):], SamplingParams(temperature=0, max_new_tokens=1))
+    cropped = engine.generate(long_prompt[-(context - 1):], SamplingParams(temperature=0, max_new_tokens=1))
     assert cropped.token_ids == completion.token_ids
 
 
-def test_bad_prompt_ids_are_a_user_error(generator: Generator) -> None:
+def test_bad_prompt_ids_are_a_user_error(engine: Engine) -> None:
     with pytest.raises(UserError, match="token ids"):
-        generator.generate([10**9], GREEDY)
+        engine.generate([10**9], GREEDY)
 
 
-def test_int8_quantization(folder: Path, generator: Generator) -> None:
-    quantized = load_generator(folder, device="cpu", quantize="int8")
+def test_int8_quantization(folder: Path, engine: Engine) -> None:
+    quantized = load_engine(folder, device="cpu", quantize="int8")
     assert type(quantized.model.lm_head).__module__.startswith("torch.ao.nn.quantized")
-    ids = torch.tensor([generator.tokenizer.encode(CORPUS)])
+    ids = torch.tensor([engine.tokenizer.encode(CORPUS)])
     with torch.inference_mode():
-        exact, approximate = generator.model(ids), quantized.model(ids)
+        exact, approximate = engine.model(ids), quantized.model(ids)
     # This random model's large weights make it sensitive; most predictions still agree.
     assert (exact.argmax(-1) == approximate.argmax(-1)).float().mean() > 0.8
     assert quantized.generate("In", GREEDY).completion_tokens == GREEDY.max_new_tokens
     with pytest.raises(UserError, match="int8"):
-        load_generator(folder, device="cpu", quantize="int4")
+        load_engine(folder, device="cpu", quantize="int4")
 
 
 @pytest.mark.slow
-def test_compiled_decoding_matches_eager(folder: Path, generator: Generator) -> None:
-    compiled = load_generator(folder, device="cpu", compile=True)
+def test_compiled_decoding_matches_eager(folder: Path, engine: Engine) -> None:
+    compiled = load_engine(folder, device="cpu", compile=True)
     for prompt in ("In the", "And God said, Let there"):  # one compiled graph serves every length
-        assert compiled.generate(prompt, GREEDY).token_ids == generator.generate(prompt, GREEDY).token_ids
+        assert compiled.generate(prompt, GREEDY).token_ids == engine.generate(prompt, GREEDY).token_ids
     sampled = SamplingParams(temperature=0.8, top_k=50, seed=3, max_new_tokens=12, stop_token_ids=[])
-    assert compiled.generate("In the", sampled).token_ids == generator.generate("In the", sampled).token_ids
+    assert compiled.generate("In the", sampled).token_ids == engine.generate("In the", sampled).token_ids
     # The frozen-weights setting is scoped to the decode step, not left on for other compiled code.
     from torch._inductor import config as inductor_config
     assert inductor_config.freezing is False
@@ -288,11 +281,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           encoding="utf-8", timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_cli_generate_streams_only_the_text(folder: Path, generator: Generator) -> None:
+def test_cli_generate_streams_only_the_text(folder: Path, engine: Engine) -> None:
     result = run_cli("generate", str(folder), "--prompt", "In the beginning", "--temperature", "0",
                      "--max-new-tokens", "12", "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    expected = generator.generate("In the beginning", SamplingParams(temperature=0, max_new_tokens=12))
+    expected = engine.generate("In the beginning", SamplingParams(temperature=0, max_new_tokens=12))
     assert result.stdout == expected.text
 
 

@@ -1,7 +1,7 @@
 """The HTTP server, driven through a real socket with the official `openai` client.
 
 A tiny random model and a small trained tokenizer are saved once per session; a server runs in a
-thread on a free 127.0.0.1 port. Greedy replies are compared with `Generator.generate` on the same
+thread on a free 127.0.0.1 port. Greedy replies are compared with `Engine.generate` on the same
 model, alone and under 16 concurrent streams. That server's model is float64: batching only
 reorders floating-point sums, and in float64 a random model's argmax is not flipped by that, so
 "equal to the sequential result" can be checked exactly. The command-line test serves the float32
@@ -30,8 +30,9 @@ import uvicorn
 from qwen3 import cli
 from qwen3.checkpoint import load_model, save_model
 from qwen3.config import ModelConfig
-from qwen3.generate import Generator, SamplingParams
+from qwen3.engine import Engine
 from qwen3.model import Qwen3ForCausalLM
+from qwen3.sampling import SamplingParams
 from qwen3.server.app import bind, create_app
 from qwen3.tokenizer import load_tokenizer, train_tokenizer
 
@@ -100,8 +101,8 @@ def tokenizer(checkpoint: Path):
 
 
 @pytest.fixture(scope="session")
-def generator(model, tokenizer) -> Generator:
-    return Generator(model, tokenizer)
+def generator(model, tokenizer) -> Engine:
+    return Engine(model, tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +120,7 @@ def greedy(max_tokens: int, **extra) -> dict:
     return {"model": MODEL_NAME, "max_tokens": max_tokens, "temperature": 0, **extra}
 
 
-def reference(generator: Generator, prompt: str, max_tokens: int, **params):
+def reference(generator: Engine, prompt: str, max_tokens: int, **params):
     return generator.generate(prompt, SamplingParams(max_new_tokens=max_tokens, temperature=0, **params))
 
 
@@ -137,7 +138,7 @@ def test_health_models_and_page(server: ServerThread, client: openai.OpenAI) -> 
     assert "http" not in page.text.replace(server.url, "")
 
 
-def test_chat_matches_generate(client: openai.OpenAI, generator: Generator, tokenizer) -> None:
+def test_chat_matches_generate(client: openai.OpenAI, generator: Engine, tokenizer) -> None:
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fox."}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     expected = reference(generator, prompt, 40)
@@ -161,7 +162,7 @@ def test_chat_matches_generate(client: openai.OpenAI, generator: Generator, toke
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == expected.completion_tokens
 
 
-def test_completions_match_generate(client: openai.OpenAI, generator: Generator) -> None:
+def test_completions_match_generate(client: openai.OpenAI, generator: Engine) -> None:
     prompt = "The quick brown fox"
     expected = reference(generator, prompt, 30)
     reply = client.completions.create(prompt=prompt, **greedy(30))
@@ -182,7 +183,7 @@ def test_completions_match_generate(client: openai.OpenAI, generator: Generator)
         assert short.choices[0].finish_reason == "length"
 
 
-def test_seeded_sampling_and_n(client: openai.OpenAI, generator: Generator) -> None:
+def test_seeded_sampling_and_n(client: openai.OpenAI, generator: Engine) -> None:
     prompt = "Seven bakers"
     # top_k is one of the extras: the openai client sends it through extra_body.
     sampled = dict(model=MODEL_NAME, max_tokens=20, temperature=1.0, top_p=0.9, extra_body={"top_k": 50})
@@ -197,7 +198,7 @@ def test_seeded_sampling_and_n(client: openai.OpenAI, generator: Generator) -> N
     assert [c.text for c in sorted(batch.choices, key=lambda c: c.index)] == [expected[0], expected[0]]
 
 
-def test_stop_strings(client: openai.OpenAI, generator: Generator) -> None:
+def test_stop_strings(client: openai.OpenAI, generator: Engine) -> None:
     prompt = "In the beginning"
     full = reference(generator, prompt, 40).text
     stop = full[len(full) // 2:len(full) // 2 + 2]
@@ -211,7 +212,7 @@ def test_stop_strings(client: openai.OpenAI, generator: Generator) -> None:
     assert reference(generator, prompt, 40, stop=[stop]).text == expected
 
 
-def test_concurrent_streams_match_sequential(server: ServerThread, generator: Generator) -> None:
+def test_concurrent_streams_match_sequential(server: ServerThread, generator: Engine) -> None:
     prompts = [f"{CORPUS[i % 5][:12 + 3 * i]}" for i in range(16)]
     lengths = [24 + 5 * (i % 4) for i in range(16)]  # different lengths: rows leave at different steps
     expected = [reference(generator, p, n).text for p, n in zip(prompts, lengths)]

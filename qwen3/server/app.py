@@ -32,8 +32,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen3.checkpoint import find_checkpoint
 from qwen3.errors import UserError
-from qwen3.generate import Generator, SamplingParams, load_generator
+from qwen3.engine import encode_prompt, load_engine
 from qwen3.model import Qwen3ForCausalLM
+from qwen3.sampling import SamplingParams
 from qwen3.server.schemas import APIError, ChatRequest, CompletionRequest, GenerationRequest, parse_request
 from qwen3.server.scheduler import Event, Job, QueueFull, Scheduler
 
@@ -75,7 +76,6 @@ def create_app(model: Qwen3ForCausalLM, tokenizer, model_name: str, api_key: str
     beyond that requests are answered 429.
     """
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue or 4 * max_batch)
-    generator = Generator(model, tokenizer)  # prompt encoding and checks, as `qwen3 generate` does them
     created = int(time.time())
 
     @asynccontextmanager
@@ -164,7 +164,7 @@ def create_app(model: Qwen3ForCausalLM, tokenizer, model_name: str, api_key: str
 
     def encode(prompt: str | list[int], param: str) -> list[int]:
         try:
-            ids = generator.encode_prompt(prompt)
+            ids = encode_prompt(tokenizer, prompt, model.config.vocab_size)  # as `qwen3 generate` does
         except UserError as error:
             raise APIError(400, str(error), param=param) from None
         if len(ids) >= scheduler.context:
@@ -369,8 +369,8 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 5000, api_key: 
     absolute = Path(os.path.abspath(folder))
     model_name = absolute.parent.name if folder.name in ("best", "last") else absolute.name
     listener = bind(host, port)  # before loading the model, so a taken port fails at once
-    generator = load_generator(folder, device=device)
-    app = create_app(generator.model, generator.tokenizer, model_name, api_key=api_key, max_batch=max_batch)
+    engine = load_engine(folder, device=device)
+    app = create_app(engine.model, engine.tokenizer, model_name, api_key=api_key, max_batch=max_batch)
     address = f"[{host}]" if ":" in host else host
     print(f"serving {model_name} on http://{address}:{listener.getsockname()[1]} "
           f"(chat page at /, OpenAI API at /v1)", file=sys.stderr)

@@ -15,7 +15,7 @@ accumulates. A membership change thus costs one copy of the cache, about what on
 anyway.
 
 Prefill, decode steps, sampling and per-token handling (stop tokens, stop strings, text decoding,
-finish reasons) are the `Generator`'s, so a request served alone produces exactly what
+finish reasons) are the `Engine`'s, so a request served alone produces exactly what
 `qwen3 generate` produces.
 """
 
@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen3.generate import Generator, SamplingParams, SequenceState
+from qwen3.engine import Engine, SequenceState
 from qwen3.model import KVCache, Qwen3ForCausalLM
+from qwen3.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class Event:
 
 
 class Job:
-    """One sequence a client waits for: generate.py's sequence state and the way back to the client.
+    """One sequence a client waits for: the engine's sequence state and the way back to the client.
 
     Events go to `events`, an asyncio queue of the client's event loop, possibly shared by the
     several choices (`n`) of one request. `cancelled` is set from the client's side (disconnect)
@@ -104,8 +105,8 @@ class Scheduler:
     def __init__(self, model: Qwen3ForCausalLM, tokenizer, max_batch: int = 16, max_queue: int = 64) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be at least 1, got {max_batch}, {max_queue}")
-        self.generator = Generator(model, tokenizer)
-        self.device = self.generator.device
+        self.engine = Engine(model, tokenizer)
+        self.device = self.engine.device
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.condition = threading.Condition()
@@ -118,7 +119,7 @@ class Scheduler:
 
     @property
     def context(self) -> int:
-        return self.generator.max_context
+        return self.engine.max_context
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, name="qwen3-scheduler", daemon=True)
@@ -192,7 +193,7 @@ class Scheduler:
     def _admit(self, jobs: list[Job]) -> None:
         """Prefill the newcomers together, send their first tokens, join the batch."""
         # The prefill's cache has room for the whole generation: with no batch running, it is the batch.
-        cache, tokens = self.generator.prefill([job.state for job in jobs])
+        cache, tokens = self.engine.prefill([job.state for job in jobs])
         arrivals = Batch(jobs, cache)
         self._add(arrivals, tokens)
         self._set_batch(self._merge([self.batch, arrivals]))
@@ -201,7 +202,7 @@ class Scheduler:
         """One token for every running job; finished and cancelled jobs leave the batch."""
         batch = self.batch
         last = torch.tensor([job.state.token_ids[-1] for job in batch.jobs], device=self.device)
-        self._add(batch, self.generator.decode(batch.cache, last, [job.state for job in batch.jobs]))
+        self._add(batch, self.engine.decode(batch.cache, last, [job.state for job in batch.jobs]))
         self._set_batch(self._merge([batch]))
 
     def _add(self, batch: Batch, tokens: torch.Tensor) -> None:

@@ -1,17 +1,20 @@
-"""Text generation: KV-cache decoding, streaming text, batches of prompts.
+"""The decode engine: prefill + KV-cache decode, batches, streaming text; for the CLI, the chat and
+the server.
 
 The seed recomputed the whole sequence for every new token. Here a prompt is run once through the
 model to fill a preallocated `KVCache` (prefill); each new token is then a single-position forward
-pass against that cache (decode), asking the model only for the last position's logits.
-
-The pieces are separate so the server's continuous-batching scheduler can reuse them (sampling
-itself, with the request's settings and stop strings, is sampling.py's):
+pass against that cache (decode), asking the model only for the last position's logits. Sampling,
+with the request's settings and stop strings, is sampling.py's; left padding and the merging of
+cache rows are the cache's (model.py).
+  encode_prompt       a prompt (text or ids) -> checked, never empty token ids
   IncrementalDecoder  token ids -> text pieces that never end inside a multi-byte character
+  SequenceState       one sequence being generated: ids, RNG, text, stop conditions
   next_token_logits   one forward pass against the cache -> last logits and their argmax
   compile_decode_step that step under torch.compile (on a CPU with Inductor's inference settings)
-  Generator           prefill + decode loop for one prompt (`generate`, `stream`) or several
-                      (`generate_batch`, left-padded); `compile=True` compiles the decode step
-  load_generator      a checkpoint folder -> Generator (device "auto", optional int8, compile)
+  Engine              `prefill` and `decode` steps over a batch of sequences (the server's scheduler
+                      drives them itself), and the loop over them for one prompt (`generate`,
+                      `stream`) or several (`generate_batch`); `compile=True` compiles the decode step
+  load_engine         a checkpoint folder -> Engine (device "auto", optional int8, compile)
 """
 
 from __future__ import annotations
@@ -47,6 +50,21 @@ class Completion:
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
     completion_tokens: int
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str | list[int], vocab_size: int) -> list[int]:
+    """Token ids of a prompt (text, or ids checked to lie in [0, vocab_size)), never empty: an empty
+    prompt starts a document (the tokenizer's bos token, else its eos token)."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = list(prompt)
+        if not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
+            raise UserError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if not ids:
+        start = tokenizer.bos_token_id
+        ids = [start if start is not None else tokenizer.eos_token_id]
+    return ids
 
 
 class IncrementalDecoder:
@@ -175,7 +193,7 @@ def compile_decode_step(step: DecodeStep, device: torch.device) -> DecodeStep:
     return frozen_step
 
 
-class Generator:
+class Engine:
     """Generates text from a model (already on its device) and its tokenizer.
 
     `stream` yields text pieces as they are decoded; when it is exhausted, `last_completion` holds
@@ -231,18 +249,8 @@ class Generator:
         return [s.completion() for s in sequences]
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt (text or ids), never empty: an empty prompt starts a document."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            vocab = self.model.config.vocab_size
-            if not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
-                raise UserError(f"prompt token ids must be integers in [0, {vocab})")
-        if not ids:
-            start = self.tokenizer.bos_token_id
-            ids = [start if start is not None else self.tokenizer.eos_token_id]
-        return ids
+        """Token ids of a prompt (text or ids), never empty: see `encode_prompt`."""
+        return encode_prompt(self.tokenizer, prompt, self.model.config.vocab_size)
 
     def _start(self, prompt: str | list[int], params: SamplingParams) -> SequenceState:
         """Encode, crop to the context, and limit max_new_tokens so prompt + completion fit."""
@@ -314,9 +322,9 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
-def load_generator(path: str | Path, device: str = "auto", quantize: str | None = None,
-                   compile: bool = False) -> Generator:
-    """A Generator for a checkpoint folder (or a run folder's best/): model, tokenizer, options."""
+def load_engine(path: str | Path, device: str = "auto", quantize: str | None = None,
+                compile: bool = False) -> Engine:
+    """An Engine for a checkpoint folder (or a run folder's best/): model, tokenizer, options."""
     from qwen3.checkpoint import find_checkpoint, load_model
     from qwen3.tokenizer import load_tokenizer
 
@@ -328,4 +336,4 @@ def load_generator(path: str | Path, device: str = "auto", quantize: str | None 
         model = quantize_int8(model)
     elif quantize is not None:
         raise UserError(f"unknown quantization {quantize!r} (supported: int8)")
-    return Generator(model, load_tokenizer(folder), compile=compile)
+    return Engine(model, load_tokenizer(folder), compile=compile)
