@@ -32,7 +32,7 @@ import torch
 from qwen3.errors import UserError
 from qwen3.model import KVCache
 from qwen3.runtime import resolve_device
-from qwen3.sampling import SamplingParams, StopChecker, sample_next_tokens
+from qwen3.sampling import BatchSampler, SamplingParams, StopChecker
 
 if TYPE_CHECKING:
     from qwen3.tokenizer import Tokenizer
@@ -267,39 +267,43 @@ class Engine:
                            max_new, len(ids), self.max_context)
         return SequenceState(ids, params, max_new, self.tokenizer, self.device)
 
+    def sampler(self, sequences: list[SequenceState]) -> BatchSampler:
+        """The sampling of a batch of these sequences (their settings, RNGs and seen ids)."""
+        return BatchSampler([s.params for s in sequences], [s.generator for s in sequences],
+                            [s.context for s in sequences], self.model.config.vocab_size, self.device)
+
     @torch.inference_mode()
-    def prefill(self, sequences: list[SequenceState]) -> tuple[KVCache, torch.Tensor]:
+    def prefill(self, sequences: list[SequenceState]) -> tuple[KVCache, torch.Tensor, BatchSampler]:
         """Run the prompts through the model into a new cache (left-padded, with room for the most
-        tokens any of them may add) and sample each one's first token -> the cache and ids (B,)."""
+        tokens any of them may add) and sample each one's first token -> the cache, the ids (B,)
+        and the batch's sampler, for the decode steps."""
         room = max(s.max_new_tokens for s in sequences)
         cache = self.model.new_kv_cache(len(sequences), max(len(s.context) for s in sequences) + room)
         input_ids = cache.left_pad([s.context for s in sequences], self.pad_id)
-        return cache, self._sample(self.prefill_step, input_ids, cache, sequences)
+        sampler = self.sampler(sequences)
+        return cache, self._sample(self.prefill_step, input_ids, cache, sampler), sampler
 
     @torch.inference_mode()
-    def decode(self, cache: KVCache, tokens: torch.Tensor, sequences: list[SequenceState]) -> torch.Tensor:
+    def decode(self, cache: KVCache, tokens: torch.Tensor, sampler: BatchSampler) -> torch.Tensor:
         """One step: the last sampled ids (B,) run against the cache -> the next ids (B,)."""
-        return self._sample(self.decode_step, tokens[:, None], cache, sequences)
+        return self._sample(self.decode_step, tokens[:, None], cache, sampler)
 
     @staticmethod
-    def _sample(step: DecodeStep, input_ids: torch.Tensor, cache: KVCache,
-                sequences: list[SequenceState]) -> torch.Tensor:
+    def _sample(step: DecodeStep, input_ids: torch.Tensor, cache: KVCache, sampler: BatchSampler) -> torch.Tensor:
         """Run new tokens (B, T) through the model against the cache, sample the next ones (B,)."""
         T = input_ids.shape[1]
-        logits, argmax = step(input_ids, cache.position_ids(T), cache.attention_mask(T), cache)
-        return sample_next_tokens(logits, [s.params for s in sequences], [s.generator for s in sequences],
-                                  [s.context for s in sequences], argmax)
+        return sampler(*step(input_ids, cache.position_ids(T), cache.attention_mask(T), cache))
 
     def _run(self, sequences: list[SequenceState]) -> Iterator[list[str]]:
         """Prefill all prompts, then decode until every sequence is finished; yield each step's
         new text per sequence. A finished row keeps decoding with the others (its tokens are
         ignored) until the last one finishes."""
-        cache, tokens = self.prefill(sequences)
+        cache, tokens, sampler = self.prefill(sequences)
         for _ in range(max(s.max_new_tokens for s in sequences)):
             yield [s.add(t) if s.finish_reason is None else "" for s, t in zip(sequences, tokens.tolist())]
             if all(s.finish_reason is not None for s in sequences):
                 return
-            tokens = self.decode(cache, tokens, sequences)
+            tokens = self.decode(cache, tokens, sampler)
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:

@@ -3,7 +3,8 @@
 Kept apart from the decode loop (engine.py) because it is pure math on a (B, V) logits matrix and
 the per-row settings; the CLI, the chat and the server's scheduler all sample through it:
   SamplingParams      what a request asks for (temperature, top-k/p, min-p, penalty, seed, stops)
-  sample_next_tokens  one sampling step over a batch, each row with its own parameters and RNG
+  BatchSampler        the sampling steps of a batch, each row with its own parameters and RNG
+  sample_next_tokens  one such step for rows that will not sample again
   StopChecker         withholds text that may begin a stop string; cuts the text before one
 """
 
@@ -73,78 +74,96 @@ class SamplingParams:
         return self
 
 
+class BatchSampler:
+    """Samples the next token of every row of a batch, each row with its own settings and RNG.
+
+    The rows' settings become device tensors once, when the batch is formed, not from Python lists
+    at every token (each a host-to-device copy); the ids each row has seen, for the repetition
+    penalty, are a (B, V) mask on the device that every sampled token is added to.
+
+    Greedy rows (temperature 0) take the argmax; the others draw from their filtered distribution
+    with their own `torch.Generator` (None: torch's global RNG), so a seeded row gives the same
+    sample whatever else is in the batch.
+    """
+
+    def __init__(self, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+                 previous: Sequence[Sequence[int]], vocab_size: int, device: torch.device | str) -> None:
+        self.generators = list(generators)
+        greedy = [p.temperature == 0 for p in params]
+        self.any_greedy, self.all_greedy = any(greedy), all(greedy)
+        self.greedy = torch.tensor(greedy, device=device) if self.any_greedy and not self.all_greedy else None
+        self.temperature = (torch.tensor([[p.temperature or 1.0] for p in params], device=device)
+                            if not self.all_greedy else None)
+        self.top_k = self.top_p = self.min_p = self.penalty = self.seen = None
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            self.top_k = torch.tensor([[p.top_k if p.top_k > 0 else vocab_size] for p in params], device=device)
+            # p > 1 turns the nucleus off for rows with top_p = 1 (cumulative sums can round above 1).
+            self.top_p = torch.tensor([[p.top_p if p.top_p < 1.0 else 2.0] for p in params], device=device)
+        if any(p.min_p > 0 for p in params):
+            self.min_p = torch.tensor([[p.min_p] for p in params], device=device)
+        if any(p.repetition_penalty != 1.0 for p in params):
+            self.penalty = torch.tensor([[p.repetition_penalty] for p in params], device=device)
+            rows = [row for row, ids in enumerate(previous) for _ in ids]
+            ids = [i for seen in previous for i in seen]
+            self.seen = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)
+            self.seen[rows, ids] = True
+
+    def __call__(self, logits: torch.Tensor, argmax: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, V) -> the next ids (B,); `argmax` is the logits' argmax when the caller has it."""
+        logits = logits.float()
+        if self.seen is not None:
+            # CTRL's penalty, as transformers applies it: a seen token's logit is divided by the
+            # penalty when positive and multiplied by it when negative (both make it less likely
+            # for penalty > 1); a penalty of 1 leaves the logit exactly as it is.
+            penalized = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
+            logits = torch.where(self.seen, penalized, logits)
+            argmax = None  # the penalty changed the logits
+        if self.any_greedy and argmax is None:
+            argmax = logits.argmax(dim=-1)
+        if self.all_greedy:
+            sampled = argmax
+        else:
+            sampled = self._draw(logits / self.temperature)
+            if self.greedy is not None:
+                sampled = torch.where(self.greedy, argmax, sampled)
+        if self.seen is not None:
+            self.seen.scatter_(1, sampled[:, None], True)
+        return sampled
+
+    def _draw(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.top_k is not None:
+            scores = filter_top_k_top_p(scores, self.top_k, self.top_p)
+        probs = torch.softmax(scores, dim=-1)
+        if self.min_p is not None:
+            probs = probs.masked_fill(probs < self.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) is a draw from p (the Gumbel-max
+        # trick in another form). It needs no normalization after filtering and one noise row per
+        # generator.
+        noise = torch.empty_like(probs)
+        if all(g is None for g in self.generators):
+            noise.exponential_()
+        else:
+            for row, generator in enumerate(self.generators):
+                noise[row].exponential_(generator=generator)
+        return (probs / noise).argmax(dim=-1)
+
+
 def sample_next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                        generators: Sequence[torch.Generator | None],
-                       previous: Sequence[Sequence[int]],
-                       argmax: torch.Tensor | None = None) -> torch.Tensor:
-    """Pick one token per row of `logits` (B, V) -> LongTensor (B,), each row with its own params.
-
-    `previous[i]` holds the ids row i has seen (prompt + generated), for the repetition penalty.
-    Greedy rows (temperature 0) take the argmax (`argmax`, when the caller already has it); the
-    others draw from their filtered distribution with their own `torch.Generator` (None: torch's
-    global RNG), so a seeded row gives the same sample whatever else is in the batch.
-    """
-    logits = logits.float()
-    if any(p.repetition_penalty != 1.0 for p in params):
-        logits = apply_repetition_penalty(logits, [p.repetition_penalty for p in params], previous)
-        argmax = None  # the penalty changed the logits
-    greedy = [p.temperature == 0 for p in params]
-    if any(greedy) and argmax is None:
-        argmax = logits.argmax(dim=-1)
-    if all(greedy):
-        return argmax
-
-    device = logits.device
-    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
-    scores = logits / temperature[:, None]
-    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-        scores = filter_top_k_top_p(scores, [p.top_k for p in params], [p.top_p for p in params])
-    probs = torch.softmax(scores, dim=-1)
-    if any(p.min_p > 0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=device)
-        probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
-
-    # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) is a draw from p (the Gumbel-max trick
-    # in another form). It needs no normalization after filtering and one noise row per generator.
-    noise = torch.empty_like(probs)
-    if all(g is None for g in generators):
-        noise.exponential_()
-    else:
-        for row, generator in enumerate(generators):
-            noise[row].exponential_(generator=generator)
-    sampled = (probs / noise).argmax(dim=-1)
-    if any(greedy):
-        sampled = torch.where(torch.tensor(greedy, device=device), argmax, sampled)
-    return sampled
+                       previous: Sequence[Sequence[int]]) -> torch.Tensor:
+    """One sampling step of rows that will not sample again: logits (B, V) -> ids (B,).
+    `previous[i]` holds the ids row i has seen (prompt + generated), for the repetition penalty."""
+    return BatchSampler(params, generators, previous, logits.shape[-1], logits.device)(logits)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, penalties: Sequence[float],
-                             previous: Sequence[Sequence[int]]) -> torch.Tensor:
-    """CTRL's penalty, as transformers applies it: a seen token's logit is divided by the penalty
-    when positive and multiplied by it when negative (both make it less likely for penalty > 1)."""
-    logits = logits.clone()
-    for row, (penalty, ids) in enumerate(zip(penalties, previous)):
-        if penalty == 1.0 or not ids:
-            continue
-        index = torch.tensor(list(ids), device=logits.device)
-        seen = logits[row, index]
-        logits[row, index] = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return logits
-
-
-def filter_top_k_top_p(scores: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> torch.Tensor:
-    """Set to -inf every score outside row i's top_k[i] tokens (0: no limit) and outside the smallest
-    set of most likely tokens whose probability reaches top_p[i] (1: no limit)."""
-    device, V = scores.device, scores.shape[-1]
+def filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf every score outside row i's top_k[i] tokens and outside the smallest set of most
+    likely tokens whose probability reaches top_p[i]; both (B, 1), V and 2 meaning no limit."""
     ordered = scores.sort(dim=-1, descending=True).values
-    ranks = torch.arange(V, device=device)
-    k = torch.tensor([k if k > 0 else V for k in top_k], device=device)
-    keep = ranks[None, :] < k[:, None]
-    # p > 1 turns the nucleus off for rows with top_p = 1 (cumulative sums can round above 1).
-    p = torch.tensor([p if p < 1.0 else 2.0 for p in top_p], device=device)
+    keep = torch.arange(scores.shape[-1], device=scores.device)[None, :] < top_k
     probs = torch.softmax(ordered.masked_fill(~keep, float("-inf")), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
-    keep &= mass_before < p[:, None]  # the top token (mass 0 before it) always stays
+    keep &= mass_before < top_p  # the top token (mass 0 before it) always stays
     # The lowest kept score is the row's threshold: one comparison filters the unsorted scores.
     threshold = ordered.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
     return scores.masked_fill(scores < threshold, float("-inf"))

@@ -16,7 +16,7 @@ from qwen3.config import ModelConfig
 from qwen3.engine import Engine, IncrementalDecoder, SequenceState, load_engine
 from qwen3.errors import UserError
 from qwen3.model import KVCache, Qwen3ForCausalLM
-from qwen3.sampling import SamplingParams, StopChecker, sample_next_tokens
+from qwen3.sampling import BatchSampler, SamplingParams, StopChecker, sample_next_tokens
 from qwen3.tokenizer import load_tokenizer, train_tokenizer
 
 CORPUS = """In the beginning God created the heaven and the earth.
@@ -115,18 +115,19 @@ def test_merged_cache_rows_decode_as_each_prompt_alone(engine: Engine) -> None:
     alone = [engine.generate(prompt, GREEDY).token_ids for prompt in prompts]
     states = [SequenceState(engine.tokenizer.encode(prompt), GREEDY, GREEDY.max_new_tokens,
                             engine.tokenizer, engine.device) for prompt in prompts]
-    first, first_tokens = engine.prefill(states[:1])
-    second, second_tokens = engine.prefill(states[1:])
+    first, first_tokens, _ = engine.prefill(states[:1])
+    second, second_tokens, _ = engine.prefill(states[1:])
     tokens = torch.cat([first_tokens, second_tokens])
     for state, token in zip(states, tokens.tolist()):
         state.add(token)
     cache = KVCache.merge([(first, [0]), (second, [0, 1])], room=GREEDY.max_new_tokens)
     assert cache.length == max(len(s.context) for s in states) - 1  # the last token is not cached yet
-    rows = [0, 1, 2]
+    rows, sampler = [0, 1, 2], engine.sampler(states)
     for step in range(1, GREEDY.max_new_tokens):
         if step == 5:  # the middle row leaves
             cache, rows, tokens = KVCache.merge([(cache, [0, 2])], room=GREEDY.max_new_tokens), [0, 2], tokens[[0, 2]]
-        tokens = engine.decode(cache, tokens, [states[row] for row in rows])
+            sampler = engine.sampler([states[row] for row in rows])
+        tokens = engine.decode(cache, tokens, sampler)
         for row, token in zip(rows, tokens.tolist()):
             states[row].add(token)
     assert [s.token_ids for s in states] == [alone[0], alone[1][:5], alone[2]]
@@ -178,6 +179,31 @@ def test_sampling_filters() -> None:
     rngs = [None, torch.Generator().manual_seed(0)]
     assert torch.equal(sample_next_tokens(logits[:2], mixed, rngs, [[], []]), first)
     assert first[0] == 0
+
+
+def test_batch_sampler_over_many_steps_equals_a_fresh_sampler_each_step() -> None:
+    """Settings built once and the seen ids kept as a device mask that each sampled token joins give
+    the tokens that a sampler built from the whole history at every step gives."""
+    torch.manual_seed(0)
+    vocab, steps = 50, 20
+    params = [SamplingParams(temperature=0, repetition_penalty=1.5),
+              SamplingParams(temperature=0.9, top_k=10, repetition_penalty=1.3, seed=1),
+              SamplingParams(temperature=1.2, top_p=0.8, min_p=0.05, seed=2),
+              SamplingParams(temperature=0.7, repetition_penalty=2.0, seed=3)]
+    prompts = [[1, 2, 3], [4], [5, 6], [7, 7, 8]]
+
+    def rngs() -> list[torch.Generator | None]:
+        return [None if p.seed is None else torch.Generator().manual_seed(p.seed) for p in params]
+
+    logits = torch.randn(steps, len(params), vocab) * 3
+    sampler, fresh_rngs = BatchSampler(params, rngs(), prompts, vocab, "cpu"), rngs()
+    history = [list(prompt) for prompt in prompts]
+    for step in range(steps):
+        tokens = sampler(logits[step])
+        assert torch.equal(tokens, sample_next_tokens(logits[step], params, fresh_rngs, history))
+        for ids, token in zip(history, tokens.tolist()):
+            ids.append(token)
+    assert history[0][3:] != [int(row[0].argmax()) for row in logits]  # the penalty took effect
 
 
 def test_sampling_params_validation() -> None:

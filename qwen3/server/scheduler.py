@@ -31,7 +31,7 @@ import torch
 
 from qwen3.engine import Engine, SequenceState
 from qwen3.model import KVCache, Qwen3ForCausalLM
-from qwen3.sampling import SamplingParams
+from qwen3.sampling import BatchSampler, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ class Batch:
 
     jobs: list[Job]
     cache: KVCache
+    tokens: torch.Tensor  # (B,) each row's last sampled id, not cached yet; kept on the device
+    sampler: BatchSampler  # the rows' sampling settings and seen ids, on the device
 
 
 class Scheduler:
@@ -193,22 +195,21 @@ class Scheduler:
     def _admit(self, jobs: list[Job]) -> None:
         """Prefill the newcomers together, send their first tokens, join the batch."""
         # The prefill's cache has room for the whole generation: with no batch running, it is the batch.
-        cache, tokens = self.engine.prefill([job.state for job in jobs])
-        arrivals = Batch(jobs, cache)
-        self._add(arrivals, tokens)
+        arrivals = Batch(jobs, *self.engine.prefill([job.state for job in jobs]))
+        self._add(arrivals)
         self._set_batch(self._merge([self.batch, arrivals]))
 
     def _step(self) -> None:
         """One token for every running job; finished and cancelled jobs leave the batch."""
         batch = self.batch
-        last = torch.tensor([job.state.token_ids[-1] for job in batch.jobs], device=self.device)
-        self._add(batch, self.engine.decode(batch.cache, last, [job.state for job in batch.jobs]))
+        batch.tokens = self.engine.decode(batch.cache, batch.tokens, batch.sampler)
+        self._add(batch)
         self._set_batch(self._merge([batch]))
 
-    def _add(self, batch: Batch, tokens: torch.Tensor) -> None:
+    def _add(self, batch: Batch) -> None:
         """Give each row its sampled token and send the text it completes to the row's client."""
         messages = []
-        for job, token in zip(batch.jobs, tokens.tolist()):
+        for job, token in zip(batch.jobs, batch.tokens.tolist()):
             if job.cancelled:
                 continue
             piece = job.state.add(token)
@@ -238,7 +239,9 @@ class Scheduler:
         # The last sampled token of each job is not cached yet: a job may still add
         # max_new_tokens - len(token_ids) positions.
         room = max(job.state.max_new_tokens - len(job.state.token_ids) for job in jobs)
-        return Batch(jobs, KVCache.merge([(batch.cache, rows) for batch, rows in parts], room))
+        return Batch(jobs, KVCache.merge([(batch.cache, rows) for batch, rows in parts], room),
+                     torch.cat([batch.tokens[rows] for batch, rows in parts]),
+                     self.engine.sampler([job.state for job in jobs]))
 
     def _set_batch(self, batch: Batch | None) -> None:
         self.batch = batch
