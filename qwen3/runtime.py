@@ -13,6 +13,7 @@ import functools
 import math
 import platform
 import random
+import re
 import signal
 import sys
 import threading
@@ -29,14 +30,17 @@ from qwen3.errors import UserError
 # mallopt(3) parameter numbers from glibc's malloc.h.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 
-# Dense bfloat16/float16 tensor-core peaks (FLOP/s) from the vendors' data sheets; the first
-# name contained in torch.cuda.get_device_name() wins. Other devices get a matmul probe.
-GPU_PEAK_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H20", 148e12), ("GH200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
-    ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12),
-    ("T4", 65e12),
-]
+# Dense bfloat16/float16 tensor-core peaks (FLOP/s, per GPU) from the vendors' data sheets (the
+# sparse figures halved). A key matches when all its words are words of torch.cuda.get_device_name()
+# (split at spaces and hyphens, any case), and the longest matching key wins: "NVIDIA H100 NVL" is an
+# H100 NVL, not an SXM H100. Other devices get a matmul probe.
+GPU_PEAK_FLOPS = {
+    ("H100",): 989e12, ("H100", "PCIe"): 756e12, ("H100", "NVL"): 835e12,
+    ("H200",): 989e12, ("H200", "NVL"): 835e12, ("GH200",): 989e12, ("H20",): 148e12,
+    ("B200",): 2250e12, ("A100",): 312e12, ("A800",): 312e12, ("L40S",): 362e12, ("L40",): 181e12,
+    ("L4",): 121e12, ("A10",): 125e12, ("RTX", "4090"): 165e12, ("RTX", "3090"): 71e12,
+    ("V100",): 125e12, ("T4",): 65e12,
+}
 
 
 def print_to_stderr(message: str) -> None:
@@ -61,10 +65,20 @@ def resolve_device(device: str) -> torch.device:
 def native_bfloat16(device: torch.device | str) -> bool:
     """Whether bfloat16 matmuls run at full speed on `device`.
 
-    True on GPUs and on CPUs with AVX512-BF16 or AMX. Elsewhere (e.g. AVX2-only CPUs) oneDNN
-    emulates them: measured 0.7 GFLOP/s in bfloat16 against 143 GFLOP/s in float32 on a 2-core EPYC.
+    True on GPUs with bfloat16 tensor cores (Ampere and later; a V100 or T4 only emulates it) and on
+    CPUs with AVX512-BF16 or AMX. Elsewhere (e.g. AVX2-only CPUs) oneDNN emulates them: measured
+    0.7 GFLOP/s in bfloat16 against 143 GFLOP/s in float32 on a 2-core EPYC.
     """
-    return torch.device(device).type != "cpu" or _cpu_native_bfloat16()
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_native_bfloat16(device.index if device.index is not None else torch.cuda.current_device())
+    return device.type != "cpu" or _cpu_native_bfloat16()
+
+
+@functools.cache
+def _cuda_native_bfloat16(index: int) -> bool:
+    with torch.cuda.device(index):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 @functools.cache
@@ -77,10 +91,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 6) -> fl
     best rate of `repeats` square matmuls in `dtype` (the attainable peak; ~0.1 s on 2 CPU cores).
     On a busy machine the probe reads low, and MFU high: set `peak_flops` in the config then."""
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS:
-            if key in name:
-                return flops
+        flops = gpu_peak_flops(torch.cuda.get_device_name(device))
+        if flops is not None:
+            return flops
     n = 1024 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -92,6 +105,13 @@ def peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 6) -> fl
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """The data-sheet 16-bit peak of the GPU called `name`, or None when the table lacks it."""
+    words = {word.lower() for word in re.split(r"[\s\-]+", name) if word}
+    matches = [key for key in GPU_PEAK_FLOPS if {word.lower() for word in key} <= words]
+    return GPU_PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
 def cpu_name() -> str:
@@ -130,13 +150,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype: "auto" is bfloat16 where the device multiplies it natively, float16 on
     GPUs without bfloat16, float32 elsewhere (emulated bfloat16 is far slower than float32)."""
     if name == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and not native_bfloat16(device):
             return torch.float16
         return torch.bfloat16 if native_bfloat16(device) else torch.float32
     if name == "float16" and device.type != "cuda":
         raise UserError("dtype float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
-    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"{torch.cuda.get_device_name(device)} has no bfloat16; use float16 or float32")
+    if name == "bfloat16" and device.type == "cuda" and not native_bfloat16(device):
+        raise UserError(f"{torch.cuda.get_device_name(device)} has no native bfloat16; "
+                        f"use float16 or float32")
     return getattr(torch, name)
 
 
