@@ -8,6 +8,7 @@ stderr with exit code 2; Ctrl-C exits with 130.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from qwen3.errors import UserError
@@ -32,11 +33,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import os
     from pathlib import Path
 
     from qwen3.config import apply_overrides, load_toml, parse_set_arguments, resolve
-    from qwen3.train import resume_configs, train
+    from qwen3.resume import resume_point
+    from qwen3.train import train
 
     # The dedicated flags win over --set, which wins over the TOML file, which wins over the preset
     # (or, with --resume, over the resumed run's saved configs).
@@ -48,14 +49,15 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise UserError("--out cannot differ from --resume: a resumed run continues in its own folder")
         overrides = {**(load_toml(args.config) if args.config else {}),
                      **parse_set_arguments(args.set), **flags}
-        model_config, train_config = resume_configs(args.resume, overrides)
+        point = resume_point(args.resume, overrides)  # reads trainer_state.pt, once
+        result = train(point.model_config, point.train_config, resume=point)
     else:
         model_config, train_config = resolve(args.preset, args.config, args.set)
         model_config, train_config = apply_overrides(model_config, train_config, flags)
-    result = train(model_config, train_config, resume=bool(args.resume))
+        result = train(model_config, train_config)
     if result.interrupted:
         sys.exit(130)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+    if not is_main_process():  # under torchrun, rank 0 reports
         return
     if result.final_eval is not None:
         print(f"step {result.step}: validation {result.final_eval.summary()}")
@@ -171,6 +173,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["int8"], default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+
+
+def is_main_process() -> bool:
+    """False in the processes torchrun starts beside rank 0."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import functools
 import math
+import os
 import platform
 import random
 import re
@@ -19,11 +20,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from qwen3.errors import UserError
 
@@ -41,7 +44,6 @@ GPU_PEAK_FLOPS = {
     ("L4",): 121e12, ("A10",): 125e12, ("RTX", "4090"): 165e12, ("RTX", "3090"): 71e12,
     ("V100",): 125e12, ("T4",): 65e12,
 }
-
 
 def print_to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -161,6 +163,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def autocast_for(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device` (a no-op for float32): how training and evaluation run."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def rng_state(device: torch.device) -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -201,3 +208,43 @@ def graceful_stop(flag: threading.Event) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+# --------------------------------------------------------------------------------------------
+# Processes (torchrun)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands among the processes torchrun started (one process: rank 0 of 1)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Distributed:
+    """Rank, world size and device; under torchrun, join the process group (NCCL or gloo)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return Distributed(rank, world_size, device)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+

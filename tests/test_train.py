@@ -314,3 +314,16 @@ def test_command_line_precedence_preset_then_toml_then_set_then_flags(shared, tm
     assert run["model"]["hidden_size"] == 32 and run["model"]["num_hidden_layers"] == 2  # toml, preset
     assert run["train"]["max_steps"] == 2 and run["train"]["log_interval"] == 1  # flag, --set
     assert sorted(train_losses(tmp_path / "cli-run")) == [1, 2]
+
+
+def test_targets_of_minus_100_are_left_out_of_the_loss():
+    torch.manual_seed(0)
+    model_config = dataclasses.replace(preset("tiny")[0], vocab_size=32)
+    loss = CausalLMLoss(Qwen3ForCausalLM(model_config))
+    x = torch.randint(0, 32, (2, 8))
+    y = torch.randint(0, 32, (2, 8))
+    masked = y.clone()
+    masked[:, :5] = -100  # e.g. a prompt: only the reply's 3 tokens are learned
+    logits = loss.model(x)
+    expected = torch.nn.functional.cross_entropy(logits[:, 5:].flatten(0, 1), y[:, 5:].flatten())
+    assert loss(x, masked).item() == pytest.approx(expected.item(), rel=1e-6)

@@ -1,0 +1,160 @@
+"""The training loop's pieces that hold no run state: the schedule, the FLOP count, the loss module,
+how the global batch is shared across processes, and the counters between log lines, and
+the two seams of the loop: where the model comes from and where the batches come from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen3.checkpoint import load_model
+from qwen3.config import ModelConfig, TrainConfig
+from qwen3.store import PreparedData
+from qwen3.windows import RandomWindows
+from qwen3.errors import UserError
+from qwen3.model import Qwen3ForCausalLM
+from qwen3.runtime import Distributed
+from qwen3.tokenizer import Tokenizer
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """The multiplier of every peak learning rate at optimizer step `step` (1-based).
+
+    Linear warmup reaching 1 at step `warmup_steps`, then half a cosine from 1 down to
+    `min_lr_ratio` at `max_steps`: f = r + (1 - r) * (1 + cos(pi * progress)) / 2.
+    """
+    if step <= warmup_steps:
+        return step / warmup_steps
+    if max_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per weight of every matmul (2 forward, 4 backward), plus the
+    attention scores and weighted sums, 12 * layers * heads * head_dim * seq_len (PaLM, appendix B;
+    the causal mask's halving is not discounted). The embedding lookup is free; the LM head is not."""
+    c, d = config.hidden_size, config.head_dim
+    attention = c * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)  # q, o, k, v
+    mlp = 3 * c * config.intermediate_size  # gate, up, down
+    matmul_weights = config.num_hidden_layers * (attention + mlp) + config.vocab_size * c  # + LM head
+    return 6.0 * matmul_weights + 12.0 * config.num_hidden_layers * config.num_attention_heads * d * seq_len
+
+
+class CausalLMLoss(nn.Module):
+    """The model plus its mean next-token cross-entropy: one module, so DDP and torch.compile see
+    the whole forward pass (the loss is taken in float32 whatever the autocast dtype). Targets of
+    -100 are left out of the mean (cross_entropy's ignore_index): that is the loss mask."""
+
+    def __init__(self, model: Qwen3ForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one step's global batch (batch_size windows x grad_accum micro-batches) is shared: every
+    process runs `micro_steps` micro-batches of `rows` windows of `seq_len` tokens."""
+
+    micro_steps: int
+    rows: int
+    seq_len: int
+    world_size: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Training tokens of one optimizer step, all processes together."""
+        return self.micro_steps * self.rows * self.world_size * self.seq_len
+
+
+def batch_layout(batch_size: int, grad_accum: int, seq_len: int, world_size: int) -> BatchLayout:
+    """Split the accumulation steps across processes: grad_accum 4 on 2 processes is 2 micro-batches
+    each. The global batch, and so the result, does not change."""
+    if grad_accum % world_size:
+        raise UserError(f"grad_accum ({grad_accum}) must be a multiple of the number of processes "
+                        f"({world_size}) so the global batch stays the same")
+    return BatchLayout(grad_accum // world_size, batch_size, seq_len, world_size)
+
+
+@dataclass
+class Pending:
+    """Sums since the last log line. The tensors stay on the device: a step never waits on them."""
+
+    loss_sum: torch.Tensor
+    grad_norm_sum: torch.Tensor
+    steps: int = 0
+    seconds: float = 0.0  # training time (evaluation and saving excluded) of those steps
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> Pending:
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device))
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.grad_norm_sum.zero_()
+        self.steps, self.seconds = 0, 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.item(), "grad_norm_sum": self.grad_norm_sum.item(),
+                "steps": self.steps, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_sum.fill_(state["loss_sum"])
+        self.grad_norm_sum.fill_(state["grad_norm_sum"])
+        self.steps, self.seconds = state["steps"], state["seconds"]
+
+
+class BatchSource(Protocol):
+    """What the loop draws micro-batches from: an endless stream of (x, y) CPU tensors of this
+    process's rows, whose state resumes it exactly. Targets equal to -100 are not learned (the loss
+    skips them, transformers' convention): a loss mask, e.g. over a conversation's prompts."""
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+BatchFactory = Callable[[PreparedData, BatchLayout, int, Distributed], BatchSource]
+
+
+def random_windows(data: PreparedData, layout: BatchLayout, seed: int, processes: Distributed) -> BatchSource:
+    """Pretraining batches: random windows of the training split, each rank its rows of the global batch."""
+    return RandomWindows(data.train_tokens, layout.seq_len, layout.rows, seed, processes.rank,
+                         processes.world_size)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the run's model comes from: a fresh initialization (the shape of the config, the
+    vocabulary of the tokenizer), or the weights and tokenizer of a checkpoint folder."""
+
+    checkpoint: Path | None = None
+
+    def tokenizer(self, config: TrainConfig) -> str:
+        """What tokenizes the data: a checkpoint's own tokenizer, so the token ids match its model."""
+        return str(self.checkpoint) if self.checkpoint else config.tokenizer
+
+    def build(self, model_config: ModelConfig, tokenizer: Tokenizer, device: torch.device) -> Qwen3ForCausalLM:
+        if self.checkpoint is not None:
+            model = load_model(self.checkpoint, device=device).train()
+        else:
+            model = Qwen3ForCausalLM(replace(
+                model_config, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)).to(device)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                            f"{model.config.vocab_size}")
+        return model
