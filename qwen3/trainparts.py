@@ -81,12 +81,16 @@ class BatchLayout:
 
 
 def batch_layout(batch_size: int, grad_accum: int, seq_len: int, world_size: int) -> BatchLayout:
-    """Split the accumulation steps across processes: grad_accum 4 on 2 processes is 2 micro-batches
-    each. The global batch, and so the result, does not change."""
-    if grad_accum % world_size:
-        raise UserError(f"grad_accum ({grad_accum}) must be a multiple of the number of processes "
-                        f"({world_size}) so the global batch stays the same")
-    return BatchLayout(grad_accum // world_size, batch_size, seq_len, world_size)
+    """Split the accumulation steps across processes as far as they divide, then the rows of each
+    micro-batch: grad_accum 4 on 2 processes is 2 micro-batches each; batch_size 4, grad_accum 1 on
+    2 processes is 2 rows each. The global batch, and so the result, does not change."""
+    shared_steps = math.gcd(grad_accum, world_size)
+    row_split = world_size // shared_steps
+    if batch_size % row_split:
+        raise UserError(
+            f"{world_size} processes cannot share a global batch of batch_size {batch_size} x grad_accum "
+            f"{grad_accum} equally: make batch_size or grad_accum a multiple of {world_size}")
+    return BatchLayout(grad_accum // shared_steps, batch_size // row_split, seq_len, world_size)
 
 
 @dataclass

@@ -1,10 +1,12 @@
-"""The machine helpers: the GPU peak table's matching."""
+"""The machine helpers: the GPU peak table's matching, the batch split across processes."""
 
 from __future__ import annotations
 
 import pytest
 
+from qwen3.errors import UserError
 from qwen3.runtime import gpu_peak_flops
+from qwen3.trainparts import batch_layout
 
 
 @pytest.mark.parametrize("name,flops", [
@@ -30,3 +32,22 @@ from qwen3.runtime import gpu_peak_flops
 def test_gpu_peak_table_matches_whole_words_and_the_longest_name(name, flops):
     assert gpu_peak_flops(name) == flops
 
+
+
+@pytest.mark.parametrize("batch,accum,world,micro_steps,rows", [
+    (4, 1, 1, 1, 4),
+    (4, 1, 2, 1, 2),   # accumulation cannot be split: the rows are
+    (4, 2, 2, 1, 4),   # accumulation split: each process one micro-batch of the whole width
+    (8, 4, 2, 2, 8),
+    (4, 2, 4, 1, 2),   # both: accumulation over 2 pairs of processes, rows over each pair
+])
+def test_the_global_batch_is_shared_without_changing_it(batch, accum, world, micro_steps, rows):
+    layout = batch_layout(batch, accum, 64, world)
+    assert (layout.micro_steps, layout.rows) == (micro_steps, rows)
+    assert layout.tokens_per_step == batch * accum * 64
+
+
+def test_a_batch_no_process_count_can_share_is_a_clear_error():
+    with pytest.raises(UserError, match="2 processes cannot share a global batch of batch_size 3 x "
+                                        "grad_accum 1.*multiple of 2"):
+        batch_layout(3, 1, 64, 2)

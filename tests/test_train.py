@@ -316,6 +316,34 @@ def test_command_line_precedence_preset_then_toml_then_set_then_flags(shared, tm
     assert sorted(train_losses(tmp_path / "cli-run")) == [1, 2]
 
 
+def torchrun(shared, out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`qwen3 train --preset tiny` in 2 processes on the CPU, with `args` added."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "qwen3", "train", "--preset", "tiny", "--data", shared["source"], "--out", str(out),
+               "--set", f"cache_dir={shared['cache']}", "--set", "device=cpu", "--set", "dtype=float32",
+               "--set", "peak_flops=1e11", *args]
+    return subprocess.run(command, cwd=out.parent, env=run_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_torchrun_shares_the_rows_when_accumulation_cannot_be_split(shared, tmp_path):
+    # The tiny preset: batch 4, no accumulation; 2 processes take 2 rows each of the same batch.
+    settings = dict(max_steps=6, log_interval=1, eval_interval=6)
+    single = train(*tiny(shared, tmp_path / "single", **settings))
+    completed = torchrun(shared, tmp_path / "ddp", *[arg for key, value in settings.items()
+                                                     for arg in ("--set", f"{key}={value}")])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    ours, theirs = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "single")
+    assert sorted(ours) == sorted(theirs) == list(range(1, 7))
+    for step in ours:
+        assert ours[step] == pytest.approx(theirs[step], abs=2e-3), step
+    ddp_val = [e["val_loss"] for e in events(tmp_path / "ddp") if "val_loss" in e]
+    assert ddp_val == [pytest.approx(single.best_val_loss, abs=2e-3)]
+    run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert run["micro_batch"] == {"rows_per_process": 2, "micro_steps": 1}
+    assert run["tokens_per_step"] == 4 * 64
+
+
 def test_targets_of_minus_100_are_left_out_of_the_loss():
     torch.manual_seed(0)
     model_config = dataclasses.replace(preset("tiny")[0], vocab_size=32)
