@@ -382,7 +382,9 @@ def log_metrics(state: TrainState) -> tuple[float, float, float]:
     tok_per_s = pending.steps * state.layout.tokens_per_step / max(pending.seconds, 1e-9)
     lr = state.optimizers[0].param_groups[0]["lr"]
     pending.reset()
-    mfu = tok_per_s * flops_per_token(state.model.config, state.layout.seq_len) / state.peak_flops
+    # MFU per device: each device processes 1/world of the tokens against its own peak.
+    flops = flops_per_token(state.model.config, state.layout.seq_len)
+    mfu = tok_per_s / state.processes.world_size * flops / state.peak_flops
     state.write_event({"lr": lr, "loss": loss, "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu})
     return loss, lr, tok_per_s
 

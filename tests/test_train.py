@@ -342,6 +342,10 @@ def test_torchrun_shares_the_rows_when_accumulation_cannot_be_split(shared, tmp_
     run = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert run["micro_batch"] == {"rows_per_process": 2, "micro_steps": 1}
     assert run["tokens_per_step"] == 4 * 64
+    # MFU per device: each of the 2 devices did half the tokens, against its own peak.
+    for event in (e for e in events(tmp_path / "ddp") if "mfu" in e):
+        per_device = event["tok_per_s"] / 2 * run["flops_per_token"] / run["peak_flops"]
+        assert event["mfu"] == pytest.approx(per_device, rel=1e-9)
 
 
 def test_targets_of_minus_100_are_left_out_of_the_loss():
