@@ -185,7 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.handler(args)
     except UserError as error:
-        print(f"qwen3 {args.command}: error: {error}", file=sys.stderr)
+        # Under torchrun every process meets the same user error (the checks are the same on all,
+        # or rank 0's outcome is shared): rank 0 says it, every process exits with code 2.
+        if is_main_process():
+            print(f"qwen3 {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(file=sys.stderr)

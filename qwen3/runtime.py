@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime
 import functools
 import math
 import os
@@ -19,16 +20,18 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from qwen3.errors import UserError
+
+T = TypeVar("T")
 
 # mallopt(3) parameter numbers from glibc's malloc.h.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -44,6 +47,10 @@ GPU_PEAK_FLOPS = {
     ("L4",): 121e12, ("A10",): 125e12, ("RTX", "4090"): 165e12, ("RTX", "3090"): 71e12,
     ("V100",): 125e12, ("T4",): 65e12,
 }
+# Waiting for rank 0 to build the token store: a large corpus takes far longer than the default
+# collective timeout (10 minutes under NCCL), so that one wait has its own.
+PREPARATION_TIMEOUT = datetime.timedelta(hours=24)
+
 
 def print_to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -248,3 +255,25 @@ def teardown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
+
+def rank_zero_first(work: Callable[[], T], processes: Distributed) -> T:
+    """`work()` on rank 0, then on the other ranks (which then find what rank 0 built, e.g. a cached
+    token store), with every rank agreeing on the outcome: when rank 0 raises a UserError, every
+    rank raises it. The wait has its own long timeout, on a CPU group (preparing can take hours)."""
+    if processes.world_size == 1:
+        return work()
+    group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
+    failure: UserError | None = None
+    if processes.is_main:
+        try:
+            result = work()
+        except UserError as error:
+            failure = error
+    message = [str(failure) if failure else None]
+    dist.broadcast_object_list(message, src=0, group=group)
+    dist.destroy_process_group(group)
+    if failure is not None:
+        raise failure
+    if message[0] is not None:
+        raise UserError(message[0])
+    return result if processes.is_main else work()

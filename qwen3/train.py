@@ -53,7 +53,7 @@ from qwen3.muon import build_optimizers
 from qwen3.resume import ResumePoint, refuse_unfinished, resume_configs, unfinished_run
 from qwen3.runfiles import RunFiles
 from qwen3.runtime import (Distributed, autocast_for, cpu_name, graceful_stop, init_distributed, peak_flops,
-                           resolve_dtype, rng_state, seed_everything, set_rng_state,
+                           rank_zero_first, resolve_dtype, rng_state, seed_everything, set_rng_state,
                            teardown_distributed, tune_malloc)
 from qwen3.trainparts import (BatchFactory, BatchLayout, BatchSource, CausalLMLoss, ModelSource,
                               Pending, batch_layout, flops_per_token, lr_factor, random_windows)
@@ -146,19 +146,15 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
     source = ModelSource(out / "last" if saved is not None else None)
     say = (lambda message: tqdm.write(message, file=sys.stderr)) if processes.is_main else (lambda message: None)
 
-    if saved is None and processes.is_main:
-        refuse_unfinished(out)
-
     def prepare_data() -> PreparedData:
+        if saved is None:
+            refuse_unfinished(out)
         return prepare(config.data, tokenizer=source.tokenizer(config), vocab_size=config.tokenizer_vocab_size,
                        val_fraction=config.val_fraction, cache_dir=config.cache_dir, min_tokens=seq_len + 1,
                        progress=processes.is_main, log=say)
 
-    # Rank 0 tokenizes first; the other ranks then find the cache (no race building it).
-    data = prepare_data() if processes.is_main else None
-    if processes.world_size > 1:
-        dist.barrier()
-    data = data or prepare_data()
+    # Rank 0 tokenizes, then the others find the cache; a user error stops every rank.
+    data = rank_zero_first(prepare_data, processes)
     seed_everything(config.seed)
     model = source.build(model_config, data.tokenizer, processes.device)
     optimizers = build_optimizers(model, config.optimizer, config.muon_lr, config.adamw_lr,

@@ -348,6 +348,25 @@ def test_torchrun_shares_the_rows_when_accumulation_cannot_be_split(shared, tmp_
         assert event["mfu"] == pytest.approx(per_device, rel=1e-9)
 
 
+@pytest.mark.parametrize("case", ["unfinished run", "batch that cannot be shared"])
+def test_a_user_error_under_torchrun_stops_every_process_promptly_with_one_message(shared, tmp_path, case):
+    out = tmp_path / "run"
+    args = []
+    if case == "unfinished run":
+        train(*tiny(shared, out, max_steps=10, eval_interval=10), should_stop=lambda step: step == 2)
+        expected = "holds an unfinished run (step 2 of 10)"
+    else:
+        args = ["--set", "batch_size=3"]
+        expected = "2 processes cannot share a global batch of batch_size 3"
+    started = time.monotonic()
+    completed = torchrun(shared, out, *args, timeout=120)
+    assert time.monotonic() - started < 60
+    assert completed.returncode != 0
+    assert completed.stderr.count(expected) == 1, completed.stderr[-3000:]
+    assert completed.stderr.count("qwen3 train: error:") == 1
+    assert "qwen3/" not in completed.stderr  # no traceback through our code in any process
+
+
 def test_targets_of_minus_100_are_left_out_of_the_loss():
     torch.manual_seed(0)
     model_config = dataclasses.replace(preset("tiny")[0], vocab_size=32)
