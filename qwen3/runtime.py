@@ -234,13 +234,23 @@ class Distributed:
         return self.rank == 0
 
 
+def process_device(name: str, world_size: int, local_rank: int) -> torch.device:
+    """This process's device for a --device value: under torchrun every process takes the GPU of its
+    LOCAL_RANK, so an explicit cuda:N (which would put every process on GPU N) is refused."""
+    if world_size > 1 and name.startswith("cuda:"):
+        raise UserError(f"device {name!r} under torchrun would put every process on one GPU; use "
+                        f"device=cuda (each process then takes the GPU of its LOCAL_RANK)")
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+    return device
+
+
 def init_distributed(device_name: str) -> Distributed:
     """Rank, world size and device; under torchrun, join the process group (NCCL or gloo)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = resolve_device(device_name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = process_device(device_name, world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores

@@ -1,11 +1,12 @@
-"""The machine helpers: the GPU peak table's matching, the batch split across processes."""
+"""The machine helpers: the GPU peak table's matching, device choice under torchrun, the batch split."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from qwen3.errors import UserError
-from qwen3.runtime import gpu_peak_flops
+from qwen3.runtime import gpu_peak_flops, process_device
 from qwen3.trainparts import batch_layout
 
 
@@ -32,6 +33,11 @@ from qwen3.trainparts import batch_layout
 def test_gpu_peak_table_matches_whole_words_and_the_longest_name(name, flops):
     assert gpu_peak_flops(name) == flops
 
+
+def test_an_explicit_gpu_index_is_refused_under_torchrun():
+    with pytest.raises(UserError, match="every process on one GPU.*LOCAL_RANK"):
+        process_device("cuda:0", world_size=2, local_rank=1)
+    assert process_device("cpu", world_size=2, local_rank=1) == torch.device("cpu")
 
 
 @pytest.mark.parametrize("batch,accum,world,micro_steps,rows", [
