@@ -178,9 +178,10 @@ def wrap_step_model(step_model: nn.Module, compile_model: bool, processes: Distr
         torch._dynamo.config.suppress_errors = True  # fall back to eager where compiling fails
         step_model = torch.compile(step_model)
     if processes.world_size > 1:
+        # The buffers (RoPE tables) are equal everywhere by construction: no broadcast each step.
         step_model = nn.parallel.DistributedDataParallel(
             step_model, device_ids=[processes.device.index] if processes.device.type == "cuda" else None,
-            gradient_as_bucket_view=True)
+            gradient_as_bucket_view=True, broadcast_buffers=False)
     return step_model
 
 
@@ -322,7 +323,8 @@ def train_step(state: TrainState) -> None:
         state.scaler.step(optimizer)
     state.scaler.update()
     for optimizer in state.optimizers:
-        optimizer.zero_grad(set_to_none=True)
+        # Under DDP the gradients are views into its all-reduce buckets: zero them in place.
+        optimizer.zero_grad(set_to_none=state.processes.world_size == 1)
     state.step = step
     state.pending.steps += 1
     state.pending.seconds += time.perf_counter() - start
