@@ -55,7 +55,7 @@ from qwen3.runfiles import RunFiles
 from qwen3.runtime import (Distributed, autocast_for, cpu_name, graceful_stop, init_distributed, peak_flops,
                            rank_zero_first, resolve_dtype, rng_state, seed_everything, set_rng_state,
                            teardown_distributed, tune_malloc)
-from qwen3.trainparts import (BatchFactory, BatchLayout, BatchSource, CausalLMLoss, ModelSource,
+from qwen3.trainparts import (BatchFactory, BatchLayout, BatchSource, CausalLMLoss, CompiledOrEager, ModelSource,
                               Pending, batch_layout, flops_per_token, lr_factor, random_windows)
 
 # The training API in one place (the resume helpers and the loop's pieces live in their own modules).
@@ -159,7 +159,7 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
     model = source.build(model_config, data.tokenizer, processes.device)
     optimizers = build_optimizers(model, config.optimizer, config.muon_lr, config.adamw_lr,
                                   config.weight_decay, tuple(config.adamw_betas))
-    step_model = wrap_step_model(CausalLMLoss(model), config.compile, processes)
+    step_model = wrap_step_model(CausalLMLoss(model), config.compile, processes, say)
     state = TrainState(
         config, processes, autocast_dtype, layout, data, model, step_model, optimizers,
         torch.amp.GradScaler(processes.device.type, enabled=autocast_dtype == torch.float16),
@@ -172,11 +172,11 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
     return state
 
 
-def wrap_step_model(step_model: nn.Module, compile_model: bool, processes: Distributed) -> nn.Module:
-    """Model + loss, compiled and/or wrapped in DDP as asked."""
+def wrap_step_model(step_model: nn.Module, compile_model: bool, processes: Distributed,
+                    log: Callable[[str], None]) -> nn.Module:
+    """Model + loss, compiled (eager where compiling fails, said in the log) and in DDP as asked."""
     if compile_model:
-        torch._dynamo.config.suppress_errors = True  # fall back to eager where compiling fails
-        step_model = torch.compile(step_model)
+        step_model = CompiledOrEager(step_model, log)
     if processes.world_size > 1:
         # The buffers (RoPE tables) are equal everywhere by construction: no broadcast each step.
         step_model = nn.parallel.DistributedDataParallel(

@@ -1,5 +1,5 @@
 """The training loop's pieces that hold no run state: the schedule, the FLOP count, the loss module,
-how the global batch is shared across processes, and the counters between log lines, and
+how the global batch is shared across processes, the counters between log lines, compilation, and
 the two seams of the loop: where the model comes from and where the batches come from.
 """
 
@@ -119,6 +119,28 @@ class Pending:
         self.loss_sum.fill_(state["loss_sum"])
         self.grad_norm_sum.fill_(state["grad_norm_sum"])
         self.steps, self.seconds = state["steps"], state["seconds"]
+
+
+class CompiledOrEager(nn.Module):
+    """`module` through torch.compile; when compiling fails, the log says why and the module runs
+    eagerly from then on (an error of the module itself is then raised by the eager call)."""
+
+    def __init__(self, module: nn.Module, log: Callable[[str], None]) -> None:
+        super().__init__()
+        self.module = module
+        self.compiled: Callable[..., Any] | None = torch.compile(module.forward)  # not a second submodule
+        self.log = log
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as error:  # compilers raise many types
+                reason = (str(error).strip().splitlines() or [""])[0][:200]
+                self.log(f"torch.compile failed ({type(error).__name__}: {reason}); "
+                         f"continuing without compilation")
+                self.compiled = None
+        return self.module(*args)
 
 
 class BatchSource(Protocol):

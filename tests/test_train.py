@@ -367,6 +367,23 @@ def test_a_user_error_under_torchrun_stops_every_process_promptly_with_one_messa
     assert "qwen3/" not in completed.stderr  # no traceback through our code in any process
 
 
+def test_a_failed_compilation_says_so_and_trains_eagerly(shared, tmp_path, monkeypatch, capsys):
+    settings = dict(max_steps=2, log_interval=1, eval_interval=2)
+    eager = train(*tiny(shared, tmp_path / "eager", **settings))
+
+    def failing_compile(function):
+        def compiled(*args):
+            raise RuntimeError("no compiler here\nmore detail")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    fallback = train(*tiny(shared, tmp_path / "compiled", compile=True, **settings))
+    assert "torch.compile failed (RuntimeError: no compiler here); continuing without compilation" \
+        in capsys.readouterr().err
+    assert train_losses(tmp_path / "compiled") == train_losses(tmp_path / "eager")
+    assert fallback.best_val_loss == eager.best_val_loss
+
+
 def test_targets_of_minus_100_are_left_out_of_the_loss():
     torch.manual_seed(0)
     model_config = dataclasses.replace(preset("tiny")[0], vocab_size=32)
