@@ -26,9 +26,9 @@ from torch import nn
 
 from qwen3.checkpoint import find_checkpoint, load_model
 from qwen3.config import TrainConfig
-from qwen3.store import prepare
 from qwen3.errors import UserError
-from qwen3.runtime import print_to_stderr, resolve_device
+from qwen3.runtime import autocast_for, print_to_stderr, resolve_device, resolve_dtype
+from qwen3.store import prepare
 from qwen3.windows import eval_windows
 
 
@@ -120,7 +120,12 @@ def evaluate_checkpoint(path: str | Path, sources: list[str] | None = None, devi
     if data.tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"{folder}: the tokenizer has {data.tokenizer.vocab_size} tokens but the model "
                         f"only {model.config.vocab_size}")
-    result = evaluate(model, data.val_tokens, seq_len, run.batch_size, data.val_bytes, resolved)
+    try:  # the autocast training used; a float16 run evaluated on the CPU gets this device's own
+        dtype = resolve_dtype(run.dtype, resolved)
+    except UserError:
+        dtype = resolve_dtype("auto", resolved)
+    result = evaluate(model, data.val_tokens, seq_len, run.batch_size, data.val_bytes, resolved,
+                      autocast_for(resolved, dtype))
     info = {"checkpoint": str(folder), "sources": data.summary["sources"], "seq_len": seq_len,
-            "device": str(resolved)}
+            "device": str(resolved), "autocast_dtype": str(dtype).removeprefix("torch.")}
     return result, info

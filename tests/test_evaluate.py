@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -77,3 +78,19 @@ def test_eval_of_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
         cli.main(["eval", str(tmp_path / "nothing")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"qwen3 eval: error: {tmp_path / 'nothing'}: no such folder"
+
+
+def test_eval_uses_the_autocast_the_run_trained_with(run, tmp_path):
+    from qwen3.evaluate import evaluate_checkpoint
+
+    float32_result, info = evaluate_checkpoint(run, device="cpu")
+    assert info["autocast_dtype"] == "float32"
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    description = json.loads((copy / "run.json").read_text())
+    description["train"]["dtype"] = "bfloat16"
+    (copy / "run.json").write_text(json.dumps(description))
+    bfloat16_result, info = evaluate_checkpoint(copy, device="cpu")
+    assert info["autocast_dtype"] == "bfloat16"
+    assert bfloat16_result.loss != float32_result.loss
+    assert bfloat16_result.loss == pytest.approx(float32_result.loss, abs=0.05)
