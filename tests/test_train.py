@@ -283,22 +283,35 @@ def test_ctrl_c_saves_last_and_exits_cleanly(shared, tmp_path):
 def test_torchrun_two_processes_match_one_process(shared, tmp_path):
     settings = dict(grad_accum=2, max_steps=8, log_interval=1, eval_interval=8)
     single = train(*tiny(shared, tmp_path / "single", **settings))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "qwen3", "train", "--preset", "tiny", "--data", shared["source"],
-               "--out", str(tmp_path / "ddp"), "--set", f"cache_dir={shared['cache']}",
-               "--set", "device=cpu", "--set", "dtype=float32", "--set", "peak_flops=1e11",
-               *[arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]]
-    completed = subprocess.run(command, cwd=tmp_path, env=run_env(), capture_output=True, text=True,
-                               timeout=300)
+    completed = torchrun(shared, tmp_path / "ddp", *set_arguments(settings))
     assert completed.returncode == 0, completed.stderr[-3000:]
     # Each rank ran one micro-batch per step on its half of the same global batch.
-    ours, theirs = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "single")
-    assert sorted(ours) == sorted(theirs) == list(range(1, 9))
+    assert_same_run(tmp_path / "ddp", tmp_path / "single", single, steps=8)
+
+
+def torchrun(shared, out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`qwen3 train --preset tiny` in 2 processes on the CPU, with `args` added."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "qwen3", "train", "--preset", "tiny", "--data", shared["source"], "--out", str(out),
+               "--set", f"cache_dir={shared['cache']}", "--set", "device=cpu", "--set", "dtype=float32",
+               "--set", "peak_flops=1e11", *args]
+    return subprocess.run(command, cwd=out.parent, env=run_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def set_arguments(settings: dict) -> list[str]:
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
+def assert_same_run(ddp: Path, single_out: Path, single, steps: int) -> None:
+    """The torchrun run in `ddp` logged the losses of the one-process run, within 2e-3."""
+    ours, theirs = train_losses(ddp), train_losses(single_out)
+    assert sorted(ours) == sorted(theirs) == list(range(1, steps + 1))
     for step in ours:
         assert ours[step] == pytest.approx(theirs[step], abs=2e-3), step
-    ddp_val = [e["val_loss"] for e in events(tmp_path / "ddp") if "val_loss" in e]
+    ddp_val = [e["val_loss"] for e in events(ddp) if "val_loss" in e]
     assert ddp_val == [pytest.approx(single.best_val_loss, abs=2e-3)]
-    assert load_trainer_state(tmp_path / "ddp" / "last")["step"] == 8
+    assert load_trainer_state(ddp / "last")["step"] == steps
 
 
 def test_command_line_precedence_preset_then_toml_then_set_then_flags(shared, tmp_path, monkeypatch, capsys):
@@ -316,29 +329,13 @@ def test_command_line_precedence_preset_then_toml_then_set_then_flags(shared, tm
     assert sorted(train_losses(tmp_path / "cli-run")) == [1, 2]
 
 
-def torchrun(shared, out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`qwen3 train --preset tiny` in 2 processes on the CPU, with `args` added."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "qwen3", "train", "--preset", "tiny", "--data", shared["source"], "--out", str(out),
-               "--set", f"cache_dir={shared['cache']}", "--set", "device=cpu", "--set", "dtype=float32",
-               "--set", "peak_flops=1e11", *args]
-    return subprocess.run(command, cwd=out.parent, env=run_env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def test_torchrun_shares_the_rows_when_accumulation_cannot_be_split(shared, tmp_path):
     # The tiny preset: batch 4, no accumulation; 2 processes take 2 rows each of the same batch.
     settings = dict(max_steps=6, log_interval=1, eval_interval=6)
     single = train(*tiny(shared, tmp_path / "single", **settings))
-    completed = torchrun(shared, tmp_path / "ddp", *[arg for key, value in settings.items()
-                                                     for arg in ("--set", f"{key}={value}")])
+    completed = torchrun(shared, tmp_path / "ddp", *set_arguments(settings))
     assert completed.returncode == 0, completed.stderr[-3000:]
-    ours, theirs = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "single")
-    assert sorted(ours) == sorted(theirs) == list(range(1, 7))
-    for step in ours:
-        assert ours[step] == pytest.approx(theirs[step], abs=2e-3), step
-    ddp_val = [e["val_loss"] for e in events(tmp_path / "ddp") if "val_loss" in e]
-    assert ddp_val == [pytest.approx(single.best_val_loss, abs=2e-3)]
+    assert_same_run(tmp_path / "ddp", tmp_path / "single", single, steps=6)
     run = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert run["micro_batch"] == {"rows_per_process": 2, "micro_steps": 1}
     assert run["tokens_per_step"] == 4 * 64
