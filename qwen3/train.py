@@ -63,6 +63,7 @@ __all__ = ["BatchSource", "CausalLMLoss", "ModelSource", "RunResult", "TrainStat
            "flops_per_token", "lr_factor", "resume_configs", "run", "setup", "train", "train_step",
            "unfinished_run"]
 
+
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the run stopped without saving over its last checkpoint."""
 
