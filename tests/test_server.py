@@ -30,10 +30,14 @@ import uvicorn
 from qwen3 import cli
 from qwen3.checkpoint import load_model, save_model
 from qwen3.config import ModelConfig
+from qwen3.errors import UserError
 from qwen3.engine import Engine
-from qwen3.model import Qwen3ForCausalLM
 from qwen3.sampling import SamplingParams
+from qwen3.model import Qwen3ForCausalLM
 from qwen3.server.app import bind, create_app
+from qwen3.server.scheduler import Scheduler
+from qwen3.server.schemas import APIError, CompletionRequest, parse_request
+from qwen3.server.service import CompletionService
 from qwen3.tokenizer import load_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -323,6 +327,80 @@ def test_full_queue_and_disconnect(tokenizer) -> None:
         assert http.get("/health").json()["status"] == "ok"
         after = http.post("/v1/completions", json={**long, "stream": False, "max_tokens": 2})
         assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_openapi_document_and_docs(server: ServerThread) -> None:
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    for path, answer in (("/v1/completions", "Completion"), ("/v1/chat/completions", "ChatCompletion")):
+        operation = spec["paths"][path]["post"]
+        body = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert body.rsplit("/", 1)[-1] in schemas
+        assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(answer)
+        assert "text/event-stream" in operation["responses"]["200"]["content"]
+        for status in ("400", "404", "413", "429"):
+            error = operation["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+            assert error.endswith("/ErrorResponse")
+        assert "Retry-After" in operation["responses"]["429"]["headers"]
+        assert "422" not in operation["responses"]
+    request = schemas["CompletionRequest"]["properties"]
+    assert request["model"]["enum"] == [MODEL_NAME]
+    assert request["top_p"]["exclusiveMinimum"] == 0 and request["top_p"]["maximum"] == 1
+    # Swagger UI, served from here: the page and everything it loads come from this server.
+    docs = httpx.get(f"{server.url}/docs")
+    assert docs.status_code == 200 and "script-src 'self'" in docs.headers["content-security-policy"]
+    assert "http" not in docs.text
+    for asset in ("/docs/init.js", "/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css"):
+        assert httpx.get(server.url + asset).status_code == 200, asset
+    # A wrong method is a 405 that says which methods the path has.
+    wrong = httpx.put(f"{server.url}/v1/completions")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST" and wrong.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("field, values", [
+    ("temperature", [-1e-9, 0.0, 2.0]), ("top_p", [0.0, 1e-9, 1.0, 1.0 + 1e-9]), ("top_k", [-1, 0, 50]),
+    ("min_p", [-1e-9, 0.0, 1.0, 1.0 + 1e-9]), ("repetition_penalty", [0.0, 1e-9, 1.3]), ("seed", [-1, 0, 7]),
+])
+def test_request_ranges_are_those_of_sampling_params(field: str, values: list) -> None:
+    """The request schema repeats SamplingParams.validate's ranges (for the OpenAPI document): the same."""
+    for value in values:
+        try:
+            SamplingParams(**{field: value}).validate()
+            valid = True
+        except UserError:
+            valid = False
+        body = json.dumps({"model": MODEL_NAME, "prompt": "hi", field: value}).encode()
+        try:
+            parse_request(CompletionRequest, body)
+            accepted = True
+        except APIError as error:
+            assert error.param == field
+            accepted = False
+        assert accepted == valid, (field, value)
+
+
+def test_service_without_a_server(model, tokenizer) -> None:
+    """The request handling is callable on its own: no app, no running scheduler."""
+    service = CompletionService(Scheduler(model, tokenizer), tokenizer, MODEL_NAME, api_key="k")
+    assert service.models().data[0].context_length == CONTEXT
+    assert service.encode("The quick", "prompt") == tokenizer.encode("The quick")
+    assert service.encode("", "prompt") == [tokenizer.eos_token_id]  # an empty prompt starts a document
+    failures = [
+        (lambda: service.model_card("other"), 404, "model"),
+        (lambda: service.encode([model.config.vocab_size], "prompt"), 400, "prompt"),
+        (lambda: service.encode("word " * CONTEXT, "prompt"), 400, "prompt"),
+        (lambda: service.check_api_key("Bearer wrong"), 401, None),
+        (lambda: service.sampling_params(parse_request(CompletionRequest, b'{"model": "tiny", "prompt": "x"}'),
+                                         [1] * 10, CONTEXT, chat=False, choice=0), 400, "max_tokens"),
+    ]
+    for call, status, param in failures:
+        with pytest.raises(APIError) as caught:
+            call()
+        assert (caught.value.status, caught.value.param) == (status, param)
+    service.check_api_key("Bearer k")
+    request = parse_request(CompletionRequest, b'{"model": "tiny", "prompt": "x", "seed": 3, "n": 2}')
+    params = [service.sampling_params(request, [1, 2], None, chat=False, choice=i) for i in range(2)]
+    assert [p.seed for p in params] == [3, 4] and params[0].max_new_tokens == 16
 
 
 def test_api_key(model, tokenizer) -> None:

@@ -1,15 +1,17 @@
-"""The request bodies of the OpenAI-compatible API, and the OpenAI error shape.
+"""The shapes of the OpenAI-compatible API: request bodies, responses, and the OpenAI error shape.
 
 Requests are validated strictly (a number sent as a string, a float where an integer belongs, NaN or
 an unknown role are refused) so a client learns about its mistake instead of getting a silently
-coerced answer. Range checks of the sampling values are left to `SamplingParams.validate`, the one
-place that knows them. Every failure becomes an `APIError`, which the app renders as
-`{"error": {"message", "type", "param", "code"}}` with its HTTP status.
+coerced answer. The sampling fields carry the ranges `SamplingParams.validate` enforces, so that the
+OpenAPI document states them and a bad value is reported with its field by pydantic; a test checks
+that the two agree. Every failure becomes an `APIError`, which the app renders as
+`{"error": {"message", "type", "param", "code"}}` with its HTTP status. The response models are the
+ones the server builds its answers from, so the OpenAPI document describes what is really sent.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,9 +28,9 @@ class APIError(Exception):
         self.code = code
         self.type = type
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+    def response(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param,
+                                               code=self.code))
 
 
 class StrictModel(BaseModel):
@@ -40,21 +42,25 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+StopString = Annotated[str, Field(min_length=1)]
+
+
 class GenerationRequest(StrictModel):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then three extras)."""
 
+    # The ranges are SamplingParams.validate's (tests/test_server.py checks that they agree).
     model: str
-    max_tokens: int | None = None
-    temperature: float = 1.0  # OpenAI's default; 0 is greedy
-    top_p: float = 1.0
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, lt=2**63)  # seed + choice index must fit a torch seed
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0)  # OpenAI's default; 0 is greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: StopString | list[StopString] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)  # seed + choice index must fit a torch seed
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
     # OpenAI options this server cannot honor: accepted at their neutral value, refused otherwise.
     logprobs: bool | int | None = None
     presence_penalty: float = 0.0
@@ -62,10 +68,7 @@ class GenerationRequest(StrictModel):
     logit_bias: dict[str, float] | None = None
 
     def stop_list(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(not stop for stop in stops):
-            raise APIError(400, "stop strings must not be empty", param="stop")
-        return stops
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def refuse_unsupported(self) -> None:
         for name, neutral in (("logprobs", (None, False, 0)), ("presence_penalty", (0.0,)),
@@ -123,7 +126,7 @@ class ChatRequest(GenerationRequest):
     """POST /v1/chat/completions."""
 
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     tools: list[Any] | None = None
 
     def token_limit(self) -> int | None:
@@ -136,6 +139,117 @@ class ChatRequest(GenerationRequest):
                            code="unsupported_parameter")
 
 
+# --- responses ---
+
+FinishReason = Literal["stop", "length"]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str  # "invalid_request_error", "server_overloaded" or "server_error"
+    param: str | None  # the request field at fault, where there is one
+    code: str | None  # e.g. "context_length_exceeded", "unsupported_parameter", "queue_full"
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx answer, and the event a stream ends with when generation fails."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None  # null only in a streamed chunk that does not end the choice
+
+
+class Completion(BaseModel):
+    """POST /v1/completions' answer; streamed, each event is one of these with one choice's new text
+    (and, with `stream_options.include_usage`, `usage` null until a last chunk with no choices)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    """POST /v1/chat/completions' answer."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None  # in each choice's first chunk only
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a streamed chat completion: a choice's new text, or the final usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    context_length: int  # prompt + completion tokens, at most
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    running: int  # sequences decoding now
+    waiting: int  # sequences queued for a batch row
+    max_batch: int
+    cancelled: int  # sequences dropped unfinished because their client left, since the start
+
+
 def parse_request(model: type[StrictModel], body: bytes) -> Any:
     """Validate a JSON body against `model`; any problem is a 400 naming the parameter."""
     try:
@@ -145,7 +259,9 @@ def parse_request(model: type[StrictModel], body: bytes) -> Any:
 
 
 def validation_error(error: ValidationError) -> APIError:
-    first = error.errors(include_url=False)[0]
+    # The most specific problem: for a value matching no branch of a union (`stop: [""]`), the
+    # error inside the branch it came closest to, not the first branch's type mismatch.
+    first = max(error.errors(include_url=False), key=lambda problem: len(problem["loc"]))
     if first["type"] == "json_invalid":
         return APIError(400, f"the request body is not valid JSON ({first['msg']})")
     location = first["loc"]
