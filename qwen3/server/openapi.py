@@ -26,7 +26,8 @@ from qwen3.server.schemas import ChatCompletionChunk, ChatRequest, CompletionReq
 DESCRIPTION = ("OpenAI-compatible completions and chat completions of one model, batched continuously. "
                "Every error is answered as `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.")
 # Models no route names as a JSON answer: the bodies the routes parse, and the streamed chat chunk.
-EXTRA_MODELS = [(CompletionRequest, "validation"), (ChatRequest, "validation"), (ChatCompletionChunk, "serialization")]
+EXTRA_MODELS = [(CompletionRequest, "validation"), (ChatRequest, "validation"),
+                (ChatCompletionChunk, "serialization")]
 REF = "#/components/schemas/{model}"
 
 ERRORS = {
