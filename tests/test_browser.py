@@ -2,12 +2,14 @@
 
 The served model is the tiny random one of test_server.py, first taught (some tens of optimizer
 steps on one conversation) to answer "Say hi" with markup, so the page really receives `<script>`
-from the model and must show it as text.
+from the model and must show it as text. A second one has a context of SHORT_CONTEXT tokens, less
+than the page's default Max tokens, as a `--preset tiny` model has.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -32,6 +34,7 @@ pytestmark = [pytest.mark.browser,
 HOSTILE = '<script>window.pwned=1</script><b>bold</b><img src=x onerror="window.pwned=2">'
 TRIGGER = "Say hi"
 MODEL_MARKUP = "<script>window.pwned=3</script><b>x</b>"
+SHORT_CONTEXT = 64
 
 
 def memorize(model, tokenizer, prompt: str, reply: str) -> None:
@@ -77,8 +80,9 @@ def browser() -> Iterator:
         chromium.close()
 
 
-@pytest.fixture
-def page(browser, server: ServerThread):
+@contextmanager
+def open_page(browser, server: ServerThread) -> Iterator:
+    """The chat page of `server` in a fresh browser context, connected, greedy; no script errors."""
     context = browser.new_context()
     page = context.new_page()
     errors: list[str] = []
@@ -86,10 +90,36 @@ def page(browser, server: ServerThread):
     page.goto(server.url)
     page.wait_for_function(f"document.getElementById('model').textContent.startsWith({MODEL_NAME!r})")
     page.fill("#temperature", "0")
-    page.fill("#max_tokens", "30")
     yield page
     context.close()
     assert not errors, errors
+
+
+@pytest.fixture
+def page(browser, server: ServerThread):
+    with open_page(browser, server) as page:
+        page.fill("#max_tokens", "30")
+        yield page
+
+
+@pytest.fixture(scope="module")
+def short_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("short") / "tiny", context=SHORT_CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def short_server(short_checkpoint: Path) -> Iterator[ServerThread]:
+    app = create_app(load_model(short_checkpoint), load_tokenizer(short_checkpoint), MODEL_NAME)
+    with ServerThread(app) as running:
+        yield running
+
+
+@pytest.fixture
+def short_page(browser, short_server: ServerThread):
+    """The page of the short-context model with its default Max tokens, which that context cannot hold."""
+    with open_page(browser, short_server) as page:
+        assert int(page.input_value("#max_tokens")) > SHORT_CONTEXT
+        yield page
 
 
 def api_reply(server: ServerThread, message: str, max_tokens: int) -> str:
@@ -162,12 +192,69 @@ def test_stop_button(page, server: ServerThread) -> None:
 
 
 def test_long_conversation_forgets_oldest_turns(page) -> None:
-    # 150 new tokens leave room for about 40 of conversation: the second message cannot carry the first turn.
+    # Context 192, Max tokens 150: as in `qwen3 chat`, the history is kept while it leaves a reply
+    # half the context (96 tokens); beyond that the oldest turns stop being sent.
     page.fill("#max_tokens", "150")
     send(page, "Hello")
     wait_until_idle(page)
     send(page, "Hello again")
     wait_until_idle(page)
-    assert page.locator(".message.assistant").count() == 2
-    assert page.locator(".message.forgotten").count() == 2  # the first question and its answer
+    assert page.locator(".message.forgotten").count() == 0
+    story = "Tell me a long story about the river and the old bridge " * 3  # 94 tokens as a chat prompt
+    send(page, story)
+    wait_until_idle(page)
+    assert page.locator(".message.assistant").count() == 3
+    assert page.locator(".message.forgotten").count() == 4  # both earlier questions and their answers
+    assert page.locator(".divider + .message.user .content").text_content() == story
     assert page.locator(".message.notice").count() == 0
+
+
+def record_chat_requests(page) -> list[tuple[dict, int]]:
+    """(body, status) of every /v1/chat/completions request the page makes, in order."""
+    requests: list[tuple[dict, int]] = []
+    page.on("requestfinished", lambda request: requests.append((request.post_data_json, request.response().status))
+            if request.url.endswith("/v1/chat/completions") else None)
+    return requests
+
+
+def test_short_context_replies_to_every_turn(short_page, short_checkpoint: Path) -> None:
+    tokenizer = load_tokenizer(short_checkpoint)
+    requests = record_chat_requests(short_page)
+    questions = ["Hello", "Who are you?", "Tell me about the river", "And the bridge?", "Thanks"]
+    for turn, question in enumerate(questions, start=1):
+        send(short_page, question)
+        wait_until_idle(short_page)
+        assert short_page.locator(".message.notice").count() == 0
+        assert short_page.locator(".message.user .content").all_text_contents() == questions[:turn]
+        replies = short_page.locator(".message.assistant .content").all_text_contents()
+        assert len(replies) == turn and replies[-1], f"turn {turn} got no reply: {replies}"
+        # What the page last sent fits the context, reply included, and is what it shows as sent.
+        body, status = requests[-1]
+        assert status == 200
+        prompt = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True)
+        assert len(tokenizer.encode(prompt)) + body.get("max_tokens", 1) <= SHORT_CONTEXT
+        sent = short_page.locator(".message:not(.forgotten):not(.notice) .content").all_text_contents()
+        assert [message["content"] for message in body["messages"]] == sent[:-1]  # the last is the reply
+
+    conversation = [{"role": "user" if index % 2 == 0 else "assistant", "content": text}
+                    for index, text in enumerate(short_page.locator(".message .content").all_text_contents())]
+    assert len(tokenizer.encode(tokenizer.apply_chat_template(conversation))) > SHORT_CONTEXT
+    forgotten = short_page.locator(".message.forgotten")
+    assert forgotten.count() >= 2
+    assert "no longer fit" in short_page.text_content(".divider")
+    short_page.reload()
+    assert short_page.locator(".message.forgotten").count() == forgotten.count()
+    assert short_page.locator(".divider").count() == 1
+
+
+def test_message_too_long_for_the_context_stays_in_the_box(short_page) -> None:
+    send(short_page, "Hello")
+    wait_until_idle(short_page)
+    long = "the quick brown fox " * SHORT_CONTEXT
+    send(short_page, long)
+    short_page.wait_for_selector(".message.notice")
+    wait_until_idle(short_page)
+    assert "too long for the model's 64-token context" in short_page.text_content(".message.notice")
+    assert short_page.input_value("#input") == long
+    assert short_page.locator(".message.user .content").all_text_contents() == ["Hello"]
+    assert short_page.locator(".message.forgotten").count() == 0  # the history is as it was

@@ -53,12 +53,12 @@ CORPUS = [
 ] * 20
 
 
-def make_checkpoint(folder: Path) -> Path:
-    """Save a random tiny Qwen3 and a tokenizer trained on CORPUS as a checkpoint folder."""
+def make_checkpoint(folder: Path, context: int = CONTEXT) -> Path:
+    """Save a random tiny Qwen3 of `context` tokens and a tokenizer trained on CORPUS as a checkpoint folder."""
     tokenizer = train_tokenizer(CORPUS, vocab_size=512)
     config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=CONTEXT, eos_token_id=tokenizer.eos_token_id,
+                         max_position_embeddings=context, eos_token_id=tokenizer.eos_token_id,
                          tie_word_embeddings=False)
     torch.manual_seed(0)
     save_model(Qwen3ForCausalLM(config), folder, tokenizer=tokenizer)

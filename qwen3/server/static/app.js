@@ -13,6 +13,7 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   model: null,
+  context: null,  // the model's context length in tokens, from /v1/models
   messages: [],   // {role, content} of the whole conversation, as shown
   first: 0,       // index of the oldest message still sent (older ones no longer fit the context)
   controller: null,
@@ -36,10 +37,8 @@ function restore() {
     state.first = Math.min(Number(saved.first) || 0, state.messages.length);
   }
   $("api-key").value = sessionStorage.getItem(KEY_STORAGE_KEY) || "";
-  state.messages.forEach((message, index) => {
-    const item = addMessage(message.role, message.content);
-    if (index < state.first) item.classList.add("forgotten");
-  });
+  for (const message of state.messages) addMessage(message.role, message.content);
+  markForgotten();
 }
 
 function save() {
@@ -100,9 +99,9 @@ function headers() {
 async function errorMessage(response) {
   try {
     const body = await response.json();
-    return { message: body.error.message, code: body.error.code };
+    return { message: body.error.message, code: body.error.code, param: body.error.param };
   } catch {
-    return { message: `${response.status} ${response.statusText}`, code: null };
+    return { message: `${response.status} ${response.statusText}`, code: null, param: null };
   }
 }
 
@@ -117,7 +116,8 @@ async function connect() {
     if (!response.ok) throw new Error((await errorMessage(response)).message);
     const body = await response.json();
     state.model = body.data[0].id;
-    $("model").textContent = `${state.model} · ${body.data[0].context_length} tokens`;
+    state.context = Number(body.data[0].context_length) || null;
+    $("model").textContent = state.context ? `${state.model} · ${state.context}-token context` : state.model;
     $("status").className = "status ok";
   } catch (error) {
     $("model").textContent = "server unreachable";
@@ -125,7 +125,7 @@ async function connect() {
   }
 }
 
-function requestBody(limited) {
+function requestBody(maxTokens) {
   const messages = [];
   const system = $("system").value.trim();
   if (system) messages.push({ role: "system", content: system });
@@ -139,8 +139,7 @@ function requestBody(limited) {
   };
   const topK = parseInt($("top_k").value, 10);
   if (topK > 0) body.top_k = topK;
-  const maxTokens = parseInt($("max_tokens").value, 10);
-  if (limited && maxTokens > 0) body.max_tokens = maxTokens;
+  if (maxTokens !== null) body.max_tokens = maxTokens;
   return body;
 }
 
@@ -167,37 +166,83 @@ async function* serverEvents(response) {
   }
 }
 
-// POST the conversation. While it does not fit the model's context with room for max tokens, stop
-// sending the oldest turn; once only the last message is left, let the reply have the room there is.
-async function openStream(signal) {
-  let limited = true;
-  for (;;) {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(requestBody(limited)), signal,
-    });
-    if (response.ok) return response;
-    const error = await errorMessage(response);
-    if (error.code !== "context_length_exceeded") throw new Error(error.message);
-    if (state.messages.length - state.first > 1) {
-      // Forget up to the next user message, so the conversation still starts with one.
-      do state.first += 1;
-      while (state.first < state.messages.length - 1 && state.messages[state.first].role !== "user");
-      const items = $("messages").querySelectorAll(".message.user, .message.assistant");
-      items.forEach((item, index) => item.classList.toggle("forgotten", index < state.first));
-    } else if (limited && error.param === "max_tokens") {
-      limited = false;
-    } else {
-      throw new Error(error.message);
-    }
+// The reply lengths to ask for, most wanted first (null: all the context has left). Like `qwen3
+// chat`: the Max tokens setting when it fits, else at most half the context, so that a long setting
+// does not erase the whole history; once only the latest message is sent, whatever room is left.
+function replyLimits(alone) {
+  const setting = parseInt($("max_tokens").value, 10);
+  const wanted = setting > 0 ? setting : Infinity;
+  const context = state.context || Infinity;
+  const limits = [];
+  if (wanted < context) limits.push(wanted);
+  const half = Math.max(1, Math.floor(context / 2));
+  if (!alone && half < wanted) limits.push(half);
+  if (alone || !limits.length) limits.push(null);  // alone, the room left is all the reply can have
+  return limits;
+}
+
+// Fade the messages that are no longer sent, and say once, above the first one still sent, why.
+function markForgotten() {
+  const items = [...$("messages").querySelectorAll(".message.user, .message.assistant")];
+  items.forEach((item, index) => {
+    item.classList.toggle("forgotten", index < state.first);
+    item.title = index < state.first ? "no longer sent to the model" : "";
+  });
+  let divider = $("forgotten-divider");
+  if (state.first === 0 || state.first >= items.length) {
+    if (divider) divider.remove();
+    return;
   }
+  if (!divider) {
+    divider = document.createElement("li");
+    divider.id = "forgotten-divider";
+    divider.className = "divider";
+  }
+  const context = state.context ? `${state.context}-token ` : "";
+  divider.textContent = `Earlier messages no longer fit the model's ${context}context and are not sent.`;
+  items[state.first].before(divider);
+}
+
+class TooLong extends Error {}
+
+// POST the conversation; the response and the max_tokens it was sent with. While it does not fit
+// the context with room for a reply, stop sending the oldest exchange (a user message and the
+// reply to it). Throws TooLong when even the latest message alone leaves no room.
+async function openStream(signal) {
+  for (;;) {
+    const alone = state.messages.length - state.first <= 1;
+    for (const limit of replyLimits(alone)) {
+      const response = await fetch("/v1/chat/completions", {
+        method: "POST", headers: headers(), body: JSON.stringify(requestBody(limit)), signal,
+      });
+      if (response.ok) return { response, limit };
+      const error = await errorMessage(response);
+      if (error.code !== "context_length_exceeded") throw new Error(error.message);
+      if (error.param !== "max_tokens") break;  // the prompt itself fills the context
+    }
+    if (alone) throw new TooLong();
+    // Forget up to the next user message, so the conversation still starts with one.
+    do state.first += 1;
+    while (state.first < state.messages.length - 1 && state.messages[state.first].role !== "user");
+    markForgotten();
+  }
+}
+
+// What the reply's footnote says when it was cut at the token limit.
+function limitOutcome(limit) {
+  const setting = parseInt($("max_tokens").value, 10);
+  if (limit !== null && !(setting > limit)) return "reached the token limit";
+  return `cut to fit the model's ${state.context ? `${state.context}-token ` : ""}context`;
 }
 
 async function send(text) {
   if (!state.model) await connect();
   if (!state.model) {
-    notice("The server cannot be reached, or it needs an API key (see Settings).");
+    notice("The server cannot be reached, or it needs an API key (see Settings). Your message is back in the box.");
+    $("input").value = text;
     return;
   }
+  const firstBefore = state.first;
   state.messages.push({ role: "user", content: text });
   const userItem = addMessage("user", text);
   const item = addMessage("assistant", "");
@@ -209,7 +254,7 @@ async function send(text) {
   let reply = "";
   let failed = false;
   try {
-    const response = await openStream(controller.signal);
+    const { response, limit } = await openStream(controller.signal);
     for await (const chunk of serverEvents(response)) {
       if (chunk.error) throw new Error(chunk.error.message);
       const choice = chunk.choices[0];
@@ -219,23 +264,28 @@ async function send(text) {
         content.textContent = reply;
         scrollToEnd();
       }
-      if (choice.finish_reason === "length") item.dataset.outcome = "reached the token limit";
+      if (choice.finish_reason === "length") item.dataset.outcome = limitOutcome(limit);
     }
   } catch (error) {
     if (error.name === "AbortError") {
       item.dataset.outcome = "stopped";
     } else {
       failed = true;
-      notice(error.message);
+      notice(error instanceof TooLong
+        ? `This message is too long for the model's ${state.context}-token context, even on its own. ` +
+          "It is back in the box: shorten it and send it again."
+        : `${error.message}${reply ? "" : ". Your message is back in the box."}`);
     }
   } finally {
     state.controller = null;
     item.classList.remove("streaming");
     if (failed && !reply) {
-      // Nothing came back: take the message back into the box to retry.
+      // Nothing came back: the message goes back into the box, and the history as it was.
       state.messages.pop();
       userItem.remove();
       item.remove();
+      state.first = firstBefore;
+      markForgotten();
       $("input").value = text;
     } else {
       state.messages.push({ role: "assistant", content: reply });
