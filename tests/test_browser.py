@@ -258,3 +258,19 @@ def test_message_too_long_for_the_context_stays_in_the_box(short_page) -> None:
     assert short_page.input_value("#input") == long
     assert short_page.locator(".message.user .content").all_text_contents() == ["Hello"]
     assert short_page.locator(".message.forgotten").count() == 0  # the history is as it was
+
+
+def test_phone_width_layout(browser, server: ServerThread) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    page.goto(server.url)
+    page.wait_for_function(f"document.getElementById('model').textContent.startsWith({MODEL_NAME!r})")
+    # The settings panel starts closed so it does not cover the conversation; the top bar stays one line.
+    assert not page.is_visible("#settings")
+    assert page.get_attribute("#toggle-settings", "aria-expanded") == "false"
+    bar = page.locator(".topbar").bounding_box()
+    assert bar["height"] < 60, bar
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.click("#toggle-settings")
+    assert page.locator("#settings").bounding_box()["y"] >= bar["height"]  # below the bar, not over it
+    context.close()

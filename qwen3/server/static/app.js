@@ -118,6 +118,7 @@ async function connect() {
     state.model = body.data[0].id;
     state.context = Number(body.data[0].context_length) || null;
     $("model").textContent = state.context ? `${state.model} · ${state.context}-token context` : state.model;
+    $("model").title = `${$("model").textContent}: the model this server serves`;
     $("status").className = "status ok";
   } catch (error) {
     $("model").textContent = "server unreachable";
@@ -307,7 +308,13 @@ function newChat() {
   $("input").focus();
 }
 
+function toggleSettings() {
+  const hidden = $("settings").classList.toggle("collapsed");
+  $("toggle-settings").setAttribute("aria-expanded", String(!hidden));
+}
+
 function init() {
+  if (window.matchMedia("(max-width: 760px)").matches) toggleSettings();  // on a phone it would cover the chat
   restore();
   showSettingValues();
   connect();
@@ -327,10 +334,7 @@ function init() {
   });
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
   $("new-chat").addEventListener("click", newChat);
-  $("toggle-settings").addEventListener("click", () => {
-    const hidden = $("settings").classList.toggle("collapsed");
-    $("toggle-settings").setAttribute("aria-expanded", String(!hidden));
-  });
+  $("toggle-settings").addEventListener("click", toggleSettings);
   for (const name of SETTINGS) {
     $(name).addEventListener("input", () => { showSettingValues(); save(); });
   }
