@@ -43,7 +43,7 @@ class CompletionService:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.api_key = api_key
-        self.vocab_size = scheduler.model.config.vocab_size
+        self.vocab_size = scheduler.engine.model.config.vocab_size
         self.created = int(time.time())
 
     def health(self) -> Health:
