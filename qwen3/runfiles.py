@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qwen3.checkpoint import remove_checkpoint
+from qwen3.atomic import remove_checkpoint
 
 
 class RunFiles:
