@@ -26,8 +26,8 @@ from torch import nn
 
 from qwen3.checkpoint import find_checkpoint, load_model
 from qwen3.config import TrainConfig
-from qwen3.errors import UserError
-from qwen3.runtime import autocast_for, print_to_stderr, resolve_device, resolve_dtype
+from qwen3.errors import UserError, print_to_stderr
+from qwen3.runtime import autocast_for, resolve_device, resolve_dtype
 from qwen3.store import prepare
 from qwen3.windows import eval_windows
 

@@ -17,7 +17,6 @@ import platform
 import random
 import re
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,10 +49,6 @@ GPU_PEAK_FLOPS = {
 # Waiting for rank 0 to build the token store: a large corpus takes far longer than the default
 # collective timeout (10 minutes under NCCL), so that one wait has its own.
 PREPARATION_TIMEOUT = datetime.timedelta(hours=24)
-
-
-def print_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -33,9 +33,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from qwen3.checkpoint import atomic_directory
-from qwen3.errors import UserError
-from qwen3.runtime import print_to_stderr
+from qwen3.atomic import atomic_directory
+from qwen3.errors import UserError, print_to_stderr
 from qwen3.sources import BUILTIN_KJV, Source, iter_pieces, parse_source
 from qwen3.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
