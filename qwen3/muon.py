@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from qwen3.runtime import native_bfloat16
@@ -28,22 +29,24 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 def newton_schulz(grad: torch.Tensor, steps: int = 5, eps: float = 1e-7,
                   coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> torch.Tensor:
-    """Approximately orthogonalize a 2-D matrix (same shape; bfloat16, or float32 on a device
-    without fast bfloat16 matmuls, where float32 is both faster and more accurate)."""
-    if grad.ndim != 2:
-        raise ValueError(f"Newton–Schulz needs a 2-D matrix, got shape {tuple(grad.shape)}")
+    """Approximately orthogonalize a matrix (rows, cols), or each of a stack (n, rows, cols) of
+    same-shaped matrices in one chain of batched matmuls. Same shape out; bfloat16, or float32 on a
+    device without fast bfloat16 matmuls, where float32 is both faster and more accurate."""
+    if grad.ndim not in (2, 3):
+        raise ValueError(f"Newton–Schulz needs a 2-D matrix or a stack of them, got shape {tuple(grad.shape)}")
     a, b, c = coefficients
+    multiply_add = torch.addmm if grad.ndim == 2 else torch.baddbmm  # beta * C + alpha * A @ B
     x = grad.to(torch.bfloat16 if native_bfloat16(grad.device) else torch.float32)
-    transposed = x.size(0) > x.size(1)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:  # iterate on the wide orientation: X X^T is then the smaller Gram matrix
-        x = x.T
+        x = x.mT
     # Dividing by the Frobenius norm bounds the spectral norm by 1, inside the iteration's basin.
-    x = x / x.norm().clamp(min=eps)
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        gram = x @ x.T                                       # (rows, rows)
-        polynomial = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
-        x = torch.addmm(x, polynomial, x, beta=a)            # a X + (b A + c A^2) X
-    return x.T if transposed else x
+        gram = x @ x.mT                                             # (..., rows, rows)
+        polynomial = multiply_add(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
+        x = multiply_add(x, polynomial, x, beta=a)                  # a X + (b A + c A^2) X
+    return x.mT if transposed else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -54,6 +57,11 @@ class Muon(torch.optim.Optimizer):
         U <- (1 - momentum) * G + momentum * M   if nesterov else M
         W <- W * (1 - lr * weight_decay) - lr * sqrt(max(1, rows / cols)) * NS(U)
     The sqrt(rows/cols) factor keeps the update's RMS comparable for tall matrices.
+
+    Matrices of one shape are orthogonalized together, as one stack. Under torch.distributed
+    (every rank holding the same, all-reduced gradients) each rank orthogonalizes its share of each
+    stack and the results are all-gathered, so the Newton–Schulz work is divided by the number of
+    processes and every rank still ends with the same weights as one process would.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 0.02,
@@ -84,20 +92,39 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_steps"])
-                rows, cols = p.shape
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, rows / cols)))
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            torch._foreach_lerp_(buffers, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+            by_shape: dict[torch.Size, list[int]] = {}
+            for index, p in enumerate(params):
+                by_shape.setdefault(p.shape, []).append(index)
+            for (rows, cols), indices in by_shape.items():
+                same_shape = [params[i] for i in indices]
+                orthogonal = orthogonalize_shared(torch.stack([updates[i] for i in indices]), group["ns_steps"])
+                torch._foreach_mul_(same_shape, 1 - lr * group["weight_decay"])
+                torch._foreach_add_(same_shape, [u.to(p.dtype) for u, p in zip(orthogonal.unbind(0), same_shape)],
+                                    alpha=-lr * math.sqrt(max(1.0, rows / cols)))
         return loss
+
+
+def orthogonalize_shared(stack: torch.Tensor, steps: int) -> torch.Tensor:
+    """newton_schulz(stack), the stack (n, rows, cols) shared across the ranks of torch.distributed
+    when there are several: rank r orthogonalizes matrices [r * k, (r + 1) * k) with k = ceil(n /
+    ranks) (zeros pad the last share; they stay zero), then every rank gathers all of them."""
+    ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if ranks == 1:
+        return newton_schulz(stack, steps)
+    share = -(-stack.shape[0] // ranks)
+    padded = torch.cat([stack, stack.new_zeros((share * ranks - stack.shape[0], *stack.shape[1:]))])
+    rank = dist.get_rank()
+    mine = newton_schulz(padded[rank * share:(rank + 1) * share], steps).contiguous()
+    gathered = [torch.empty_like(mine) for _ in range(ranks)]
+    dist.all_gather(gathered, mine)
+    return torch.cat(gathered)[:stack.shape[0]]
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:

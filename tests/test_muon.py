@@ -1,4 +1,10 @@
-"""Our Muon against torch.optim.Muon, Newton–Schulz's spectrum, and the Muon/AdamW parameter split."""
+"""Our Muon against torch.optim.Muon, Newton–Schulz's spectrum, stacks and ranks, and the Muon/AdamW
+parameter split."""
+
+import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -41,6 +47,63 @@ def test_newton_schulz_singular_values_near_one(shape):
     grad = u[:, :k] @ torch.diag(s) @ v[:, :k].T
     singular = torch.linalg.svdvals(newton_schulz(grad, steps=5).float())
     assert singular.min() > 0.5 and singular.max() < 1.5  # all directions move about equally
+
+
+def test_a_stack_is_orthogonalized_exactly_as_each_matrix_alone():
+    torch.manual_seed(0)
+    stack = torch.randn(5, 96, 32)
+    together = newton_schulz(stack)
+    assert all(torch.equal(together[i], newton_schulz(stack[i])) for i in range(5))
+
+
+# Both ranks hold the same gradients (as after DDP's all-reduce); the weights are written to a file.
+SHARED_MUON = textwrap.dedent("""
+    import json, sys
+    import torch, torch.distributed as dist
+    import qwen3.muon as muon
+    from qwen3.config import ModelConfig
+    from qwen3.model import Qwen3ForCausalLM
+
+    if len(sys.argv) > 2:
+        dist.init_process_group("gloo")
+    orthogonalized = []
+    plain = muon.newton_schulz
+    muon.newton_schulz = lambda stack, steps: orthogonalized.append(len(stack)) or plain(stack, steps)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=3, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=8))
+    matrices, _, _ = muon.split_parameters(model)
+    optimizer = muon.Muon(matrices, lr=0.02, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p in matrices:
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save([p.detach() for p in matrices], f"{sys.argv[1]}.{rank}.pt")
+    json.dump(orthogonalized, open(f"{sys.argv[1]}.{rank}.json", "w"))
+""")
+
+
+def test_muon_shared_across_two_processes_equals_one_process(tmp_path):
+    script = tmp_path / "shared_muon.py"
+    script.write_text(SHARED_MUON)
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single")], capture_output=True,
+                            text=True, timeout=120)
+    assert single.returncode == 0, single.stderr[-2000:]
+    shared = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(tmp_path / "shared"), "distributed"],
+                            capture_output=True, text=True, timeout=180)
+    assert shared.returncode == 0, shared.stderr[-2000:]
+    expected = torch.load(tmp_path / "single.0.pt")
+    for rank in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(torch.load(tmp_path / f"shared.{rank}.pt"), expected))
+    # Per step and 3 layers: q and o (32 x 32), k and v (16 x 32), gate and up (48 x 32) make stacks of
+    # 6, down (32 x 48) one of 3; each of two ranks orthogonalizes half of each, rounded up.
+    assert sorted(json.loads((tmp_path / "single.0.json").read_text())) == [3] * 3 + [6] * 9
+    for rank in (0, 1):
+        assert sorted(json.loads((tmp_path / f"shared.{rank}.json").read_text())) == [2] * 3 + [3] * 9
 
 
 def test_muon_rejects_non_matrices():
