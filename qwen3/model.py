@@ -26,6 +26,9 @@ class RMSNorm(nn.Module):
     """RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g, computed in float32 and cast back.
 
     Unlike LayerNorm there is no mean subtraction and no bias: one reduction instead of two.
+    Under autocast the output is in the autocast dtype, as in a model whose weights are in that
+    dtype (transformers' numerics): the float32 gain would otherwise promote it to float32, and every
+    matmul that reads it would keep a float32 copy besides its own low-precision one for backward.
     """
 
     def __init__(self, size: int, eps: float = 1e-6) -> None:
@@ -34,10 +37,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight.to(dtype) * x.to(dtype)
 
 
 class RotaryEmbedding(nn.Module):
