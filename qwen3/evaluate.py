@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
 from qwen3.checkpoint import find_checkpoint, load_model
 from qwen3.config import TrainConfig
 from qwen3.errors import UserError, print_to_stderr
+from qwen3.loss import loss_and_hits
+from qwen3.model import Qwen3ForCausalLM
 from qwen3.runtime import autocast_for, resolve_device, resolve_dtype
 from qwen3.store import prepare
 from qwen3.windows import eval_windows
@@ -51,11 +51,12 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int, num_bytes: int,
+def evaluate(model: Qwen3ForCausalLM, tokens: np.ndarray, seq_len: int, batch_size: int, num_bytes: int,
              device: torch.device | str = "cpu",
              autocast: contextlib.AbstractContextManager | None = None,
              rank: int = 0, world_size: int = 1) -> EvalResult:
-    """Score every token of `tokens` (the validation split, `num_bytes` UTF-8 bytes of text).
+    """Score every token of `tokens` (the validation split, `num_bytes` UTF-8 bytes of text) with
+    `model`'s body (`model.model`: ids -> hidden states) and head (`model.lm_head.weight`).
 
     With several processes, rank r scores batches r, r + world_size, ... and the sums are
     all-reduced, so every rank returns the same result.
@@ -68,13 +69,9 @@ def evaluate(model: nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int
         if index % world_size != rank:
             continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast or contextlib.nullcontext():
-            logits = model(x)
-        logits = logits.float().flatten(0, 1)
-        targets = y.flatten()
-        totals[0] += F.cross_entropy(logits, targets, reduction="sum")
-        totals[1] += (logits.argmax(-1) == targets).sum()
-        totals[2] += targets.numel()
+        with autocast or contextlib.nullcontext():  # the head and loss a slice of rows at a time
+            nats, hits, count = loss_and_hits(model.model(x), model.lm_head.weight, y)
+        totals += torch.stack([nats, hits.double(), count.double()])
     model.train(was_training)
     if world_size > 1:
         dist.all_reduce(totals)

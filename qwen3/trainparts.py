@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwen3.checkpoint import load_model
@@ -20,6 +19,7 @@ from qwen3.config import ModelConfig, TrainConfig
 from qwen3.store import PreparedData
 from qwen3.windows import RandomWindows
 from qwen3.errors import UserError
+from qwen3.loss import linear_cross_entropy
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.runtime import Distributed
 from qwen3.tokenizer import Tokenizer
@@ -52,16 +52,15 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 class CausalLMLoss(nn.Module):
     """The model plus its mean next-token cross-entropy: one module, so DDP and torch.compile see
-    the whole forward pass (the loss is taken in float32 whatever the autocast dtype). Targets of
-    -100 are left out of the mean (cross_entropy's ignore_index): that is the loss mask."""
+    the whole forward pass. The loss is taken in float32 a slice of rows at a time (qwen3/loss.py),
+    so the full logits never exist. Targets of -100 are left out of the mean: that is the loss mask."""
 
     def __init__(self, model: Qwen3ForCausalLM) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        return linear_cross_entropy(self.model.model(x), self.model.lm_head.weight, y)
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,18 @@ from qwen3.train import train
 
 
 class Uniform(nn.Module):
-    """Equal logits for every token: loss ln(V), and argmax is always token 0."""
+    """Equal logits for every token: loss ln(V), and argmax is always token 0. Like the real model
+    it has a body (token ids -> hidden states, here zeros) and a head (a zero matrix)."""
 
     def __init__(self, vocab_size: int) -> None:
         super().__init__()
-        self.vocab_size = vocab_size
+        self.lm_head = nn.Linear(1, vocab_size, bias=False)
+        nn.init.zeros_(self.lm_head.weight)
         self.calls: list[tuple[int, int]] = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def model(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.append(tuple(x.shape))
-        return torch.zeros(*x.shape, self.vocab_size)
+        return torch.zeros(*x.shape, 1)
 
 
 def test_metrics_of_a_uniform_model_cover_every_token_once():
