@@ -1,17 +1,19 @@
 """Training throughput: our training step against transformers' Qwen3ForCausalLM, side by side.
 
-Both models get the same config (the seed shape, vocab 8192), the same batch (16 x 256 tokens), the
-same autocast dtype (the one `qwen3 train` picks on this machine, or --dtype), the same loss
-(float32 cross-entropy over every position) and the same optimizer (fused AdamW) with gradient
+Both models get the same config (the seed shape, vocab 8192 or --vocab), the same batch (16 x 256
+tokens), the same autocast dtype (the one `qwen3 train` picks on this machine, or --dtype), the same loss
+(float32 cross-entropy over every position: transformers' from the full logits, ours a slice of rows
+at a time, qwen3/loss.py) and the same optimizer (fused AdamW) with gradient
 clipping, as in qwen3/train.py. Each case runs in its own process, one after another, so the
 allocator settings can differ: glibc as it comes, glibc tuned by `qwen3.train.tune_malloc` (what
 training does by default), and jemalloc / tcmalloc through LD_PRELOAD where the system has them.
 
 Prints tokens/s (median of the timed steps; the best of `--rounds` rounds, which run every case in
-turn), the fastest single step, minor page faults per step and MFU for each case, the ratios from
+turn), the fastest single step, minor page faults per step, MFU and the memory the steps add to the
+process (peak RSS growth from just before the first step) for each case, the ratios from
 this one run, and with --profile the operators our eager step spends its time in.
 
-    python bench/train_throughput.py [--steps 8] [--rounds 2] [--threads N] [--compile-transformers] [--profile]
+    python bench/train_throughput.py [--steps 8] [--rounds 2] [--threads N] [--vocab V] [--compile-transformers] [--profile]
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ PRELOAD_CANDIDATES = {
 }
 
 
-def seed_shape() -> ModelConfig:
+def seed_shape(vocab_size: int = 8192) -> ModelConfig:
     config, _ = preset("seed")
-    return ModelConfig(**{**config.__dict__, "vocab_size": 8192})
+    return ModelConfig(**{**config.__dict__, "vocab_size": vocab_size})
 
 
 class TransformersLoss(torch.nn.Module):
@@ -64,9 +66,9 @@ class TransformersLoss(torch.nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
-def build(model_name: str, compile_model: bool) -> tuple[torch.nn.Module, list[torch.optim.Optimizer]]:
+def build(model_name: str, compile_model: bool, vocab_size: int) -> tuple[torch.nn.Module, list[torch.optim.Optimizer]]:
     torch.manual_seed(0)
-    config = seed_shape()
+    config = seed_shape(vocab_size)
     module = TransformersLoss(config) if model_name == "transformers" else CausalLMLoss(Qwen3ForCausalLM(config))
     optimizers = build_optimizers(module.model, "adamw", adamw_lr=1e-3)  # fused AdamW on everything
     step_module = torch.compile(module) if compile_model else module
@@ -92,10 +94,11 @@ def worker(case: dict) -> dict:
     if case["threads"]:
         torch.set_num_threads(case["threads"])
     dtype = getattr(torch, case["dtype"])
-    step_module, optimizers = build(case["model"], case["compile"])
+    step_module, optimizers = build(case["model"], case["compile"], case["vocab"])
     params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
     generator = torch.Generator().manual_seed(0)
-    vocab = seed_shape().vocab_size
+    vocab = case["vocab"]
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def step() -> None:
         x = torch.randint(0, vocab, (case["batch"], case["seq"]), generator=generator)
@@ -115,7 +118,8 @@ def worker(case: dict) -> dict:
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / case["steps"]
     tokens = case["batch"] * case["seq"]
     return {"tok_s": tokens / statistics.median(times), "tok_s_best": tokens / min(times),
-            "step_ms": 1000 * statistics.median(times), "faults": faults, "warmup_s": warmup_s}
+            "step_ms": 1000 * statistics.median(times), "faults": faults, "warmup_s": warmup_s,
+            "added_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024}
 
 
 def run_case(case: dict) -> dict:
@@ -136,10 +140,10 @@ def profile_ours(case: dict, rows: int = 14) -> None:
     tune_malloc()
     if case["threads"]:
         torch.set_num_threads(case["threads"])
-    step_module, optimizers = build("ours", False)
+    step_module, optimizers = build("ours", False, case["vocab"])
     params = list(step_module.model.parameters())
-    x = torch.randint(0, 8192, (case["batch"], case["seq"]))
-    y = torch.randint(0, 8192, (case["batch"], case["seq"]))
+    x = torch.randint(0, case["vocab"], (case["batch"], case["seq"]))
+    y = torch.randint(0, case["vocab"], (case["batch"], case["seq"]))
     dtype = getattr(torch, case["dtype"])
 
     def step() -> None:
@@ -159,6 +163,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size (the head's share of the step)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per case (0: torch's default)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
@@ -176,7 +181,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)  # the peak probe runs with the same threads
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     dtype_name = str(dtype).removeprefix("torch.")
-    config = seed_shape()
+    config = seed_shape(args.vocab)
     flops = flops_per_token(config, args.seq)
     peak = peak_flops(torch.device("cpu"), dtype, repeats=40)  # best of many: robust to load bursts
     print(f"seed shape, vocab {config.vocab_size}, batch {args.batch}x{args.seq}, {dtype_name} "
@@ -186,7 +191,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}\n")
 
     base = dict(dtype=dtype_name, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
-                threads=args.threads)
+                threads=args.threads, vocab=args.vocab)
     cases = []
     for model, compiled in [("transformers", False), ("transformers", True), ("ours", False), ("ours", True)]:
         if compiled and (args.no_compile or (model == "transformers" and not args.compile_transformers)):
@@ -210,17 +215,20 @@ def main() -> None:
             r = run_case(case)
             if case["name"] not in results or r["tok_s"] > results[case["name"]]["tok_s"]:
                 results[case["name"]] = r
-    print(f"\n{'case':<38}{'tok/s':>9}{'best':>9}{'ms/step':>9}{'faults/step':>13}{'MFU':>7}{'warm-up s':>11}")
+    print(f"\n{'case':<38}{'tok/s':>9}{'best':>9}{'ms/step':>9}{'faults/step':>13}{'MFU':>7}{'warm-up s':>11}"
+          f"{'added MB':>10}")
     for name, r in results.items():
         print(f"{name:<38}{r['tok_s']:>9,.0f}{r['tok_s_best']:>9,.0f}{r['step_ms']:>9.0f}"
-              f"{r['faults']:>13,.0f}{r['tok_s'] * flops / peak:>7.1%}{r['warmup_s']:>11.1f}")
+              f"{r['faults']:>13,.0f}{r['tok_s'] * flops / peak:>7.1%}{r['warmup_s']:>11.1f}{r['added_mb']:>10,.0f}")
 
     reference = results["transformers, glibc default"]["tok_s"]
     ours_best_name = max((n for n in results if n.startswith("ours")), key=lambda n: results[n]["tok_s"])
     print(f"\nours at its best ({ours_best_name}) / transformers (glibc default): "
           f"{results[ours_best_name]['tok_s'] / reference:.2f}x")
     print(f"ours / transformers, both eager on tuned glibc: "
-          f"{results['ours, glibc tuned']['tok_s'] / results['transformers, glibc tuned']['tok_s']:.2f}x")
+          f"{results['ours, glibc tuned']['tok_s'] / results['transformers, glibc tuned']['tok_s']:.2f}x tok/s, "
+          f"{results['ours, glibc tuned']['added_mb'] / results['transformers, glibc tuned']['added_mb']:.2f}x "
+          f"the memory")
     for model in ("transformers", "ours", "ours compiled"):
         if f"{model}, glibc tuned" in results:
             before, after = results[f"{model}, glibc default"], results[f"{model}, glibc tuned"]
