@@ -98,6 +98,8 @@ class TrainState:
     pending: Pending               # sums since the last log line, on the device
     files: RunFiles
     peak_flops: float              # one device's
+    flops_per_token: float         # training FLOPs of one token at this model and seq_len
+    params: list[nn.Parameter] = field(default_factory=list)  # the trainable ones: clipped together
     step: int = 0
     best_val_loss: float = math.inf
     elapsed_before: float = 0.0    # wall-clock of the earlier parts of a resumed run
@@ -166,7 +168,8 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
         torch.amp.GradScaler(processes.device.type, enabled=autocast_dtype == torch.float16),
         make_batches(data, layout, config.seed, processes), Pending.zeros(processes.device),
         RunFiles(out, processes.is_main),
-        config.peak_flops or peak_flops(processes.device, autocast_dtype))
+        config.peak_flops or peak_flops(processes.device, autocast_dtype),
+        flops_per_token(model.config, layout.seq_len), [p for p in model.parameters() if p.requires_grad])
     if saved is not None:
         restore(state, saved)
     state.files.start(describe_run(state), state.step if saved is not None else None)
@@ -217,7 +220,7 @@ def describe_run(state: TrainState) -> dict[str, Any]:
         "model": dataclasses.asdict(state.model.config),
         "train": dataclasses.asdict(state.config),
         "parameters": state.model.num_parameters(),
-        "flops_per_token": flops_per_token(state.model.config, state.layout.seq_len),
+        "flops_per_token": state.flops_per_token,
         "peak_flops": state.peak_flops,
         "device": {"type": device.type, "name": device_name, "threads": torch.get_num_threads(),
                    "world_size": state.processes.world_size},
@@ -312,13 +315,12 @@ def train_step(state: TrainState) -> None:
             # (DDP then averages over ranks).
             state.scaler.scale(loss / micro_steps).backward()
         state.pending.loss_sum += loss.detach()
-    params = [p for p in state.model.parameters() if p.requires_grad]
     for optimizer in state.optimizers:
         state.scaler.unscale_(optimizer)
     if config.grad_clip > 0:
-        grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
+        grad_norm = nn.utils.clip_grad_norm_(state.params, config.grad_clip, foreach=True)
     else:
-        grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+        grad_norm = nn.utils.get_total_norm([p.grad for p in state.params if p.grad is not None], foreach=True)
     state.pending.grad_norm_sum += grad_norm
     for optimizer in state.optimizers:
         state.scaler.step(optimizer)
@@ -382,8 +384,7 @@ def log_metrics(state: TrainState) -> tuple[float, float, float]:
     lr = state.optimizers[0].param_groups[0]["lr"]
     pending.reset()
     # MFU per device: each device processes 1/world of the tokens against its own peak.
-    flops = flops_per_token(state.model.config, state.layout.seq_len)
-    mfu = tok_per_s / state.processes.world_size * flops / state.peak_flops
+    mfu = tok_per_s / state.processes.world_size * state.flops_per_token / state.peak_flops
     state.write_event({"lr": lr, "loss": loss, "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu})
     return loss, lr, tok_per_s
 
