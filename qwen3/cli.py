@@ -1,4 +1,4 @@
-"""The `qwen3` command line: prepare, train, eval, generate, chat, serve.
+"""The `qwen3` command line: prepare, train, eval, generate, chat, serve, export.
 
 Each command parses its flags here and calls into the module that does the work; heavy imports
 happen inside the command so `qwen3 --help` is instant. A `UserError` is printed as one line on
@@ -105,6 +105,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
           device=args.device)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from qwen3.export import export_gguf, write_modelfile
+    from qwen3.tokenizer import SPECIAL_TOKENS
+
+    out = export_gguf(args.dir, args.gguf, args.type, force=args.force)
+    modelfile = write_modelfile(Path(out), [token for token in SPECIAL_TOKENS if token != "<|im_start|>"])
+    print(f"wrote {out} ({Path(out).stat().st_size / 1e6:,.1f} MB, {args.type}) and {modelfile}")
+    print(f"  llama.cpp: llama-cli -m {out} -cnv    Ollama: ollama create NAME -f {modelfile}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen3", description="Train, evaluate, chat with and serve a Qwen3 model built from scratch.")
@@ -158,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most sequences decoded together")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda")
     serve.set_defaults(handler=cmd_serve)
+
+    export = commands.add_parser("export", help="write a checkpoint as GGUF for llama.cpp, Ollama, LM Studio")
+    export.add_argument("dir", metavar="DIR", help="checkpoint folder or run folder")
+    export.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the file to write")
+    export.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                        help="weight type (norm gains stay f32)")
+    export.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
+    export.set_defaults(handler=cmd_export)
     return parser
 
 
