@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo train test bench serve clean
+.PHONY: setup demo train test bench serve llama-cpp clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ bench: setup
 
 serve: setup
 	$(PY) serve_qwen3.py
+
+llama-cpp: setup  # llama.cpp's tools for the GGUF tests, built once into ~/.cache/qwen3
+	scripts/build-llama-cpp.sh
 
 clean:
 	rm -rf $(VENV) .cache runs
