@@ -38,12 +38,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     from qwen3.config import apply_overrides, load_toml, parse_set_arguments, resolve
     from qwen3.resume import resume_point
     from qwen3.train import train
+    from qwen3.trainparts import init_checkpoint
 
     # The dedicated flags win over --set, which wins over the TOML file, which wins over the preset
     # (or, with --resume, over the resumed run's saved configs).
     flags = {name: value for name, value in (
         ("data", args.data), ("out_dir", args.out), ("max_steps", args.max_steps),
         ("optimizer", args.optimizer), ("compile", args.compile)) if value is not None}
+    if args.resume and args.init_from:
+        raise UserError("--init-from starts a new run; --resume continues one: give one of them")
     if args.resume:
         if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
             raise UserError("--out cannot differ from --resume: a resumed run continues in its own folder")
@@ -52,7 +55,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         point = resume_point(args.resume, overrides)  # reads trainer_state.pt, once
         result = train(point.model_config, point.train_config, resume=point)
     else:
-        model_config, train_config = resolve(args.preset, args.config, args.set)
+        model = None
+        if args.init_from:
+            folder, model = init_checkpoint(args.init_from)
+            flags["init_from"] = str(folder)
+        model_config, train_config = resolve(args.preset, args.config, args.set, model=model)
         model_config, train_config = apply_overrides(model_config, train_config, flags)
         result = train(model_config, train_config)
     if result.interrupted:
@@ -139,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", metavar="DIR", help="run folder")
     train.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from DIR/last")
+    train.add_argument("--init-from", metavar="DIR",
+                       help="start from this checkpoint's weights and tokenizer (any Hugging Face Qwen3 "
+                            "folder; a run folder means its best/): fresh optimizer and schedule")
     train.add_argument("--optimizer", choices=["muon", "adamw"])
     train.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -136,6 +136,8 @@ class TrainConfig:
     # data
     data: list[str] = field(default_factory=list)  # sources; empty means the embedded default corpus
     tokenizer: str = ""  # a tokenizer.json or model folder to load; empty means train one
+    init_from: str = ""  # a checkpoint folder whose weights and tokenizer the run starts from
+    stage: str = "pretrain"  # "pretrain" (text windows) or "sft" (conversations, loss on the replies)
     tokenizer_vocab_size: int = 8192
     val_fraction: float = 0.1
     seq_len: int = 0  # 0 means the model's max_position_embeddings
@@ -187,6 +189,8 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}")
         if len(self.adamw_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adamw_betas):
             raise ConfigError(f"adamw_betas must be two numbers in [0, 1), got {self.adamw_betas}")
+        if self.stage not in ("pretrain", "sft"):
+            raise ConfigError(f"stage must be 'pretrain' or 'sft', got {self.stage!r}")
         if self.optimizer not in ("muon", "adamw"):
             raise ConfigError(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -302,6 +306,14 @@ def apply_overrides(model: ModelConfig, train: TrainConfig,
         raise ConfigError(str(error)) from None
 
 
+def refuse_model_changes(before: ModelConfig, after: ModelConfig, why: str) -> None:
+    """A ConfigError naming every field of the model's shape that differs, when any does."""
+    changed = [f"{f.name}={getattr(after, f.name)!r} (it has {getattr(before, f.name)!r})"
+               for f in fields(ModelConfig) if getattr(after, f.name) != getattr(before, f.name)]
+    if changed:
+        raise ConfigError(f"{why}; cannot set {', '.join(changed)}")
+
+
 def parse_set_arguments(pairs: list[str]) -> dict[str, str]:
     """`["a=1", "model.b=x"]` -> `{"a": "1", "model.b": "x"}`; a pair without '=' is an error."""
     result = {}
@@ -334,13 +346,20 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve(preset_name: str = "seed", config_file: str | None = None,
-            overrides: list[str] | None = None) -> tuple[ModelConfig, TrainConfig]:
-    """Preset, then the TOML file (its `preset` key may pick the preset), then `--set` pairs."""
+            overrides: list[str] | None = None, model: ModelConfig | None = None
+            ) -> tuple[ModelConfig, TrainConfig]:
+    """Preset, then the TOML file (its `preset` key may pick the preset), then `--set` pairs.
+
+    With `model` (the shape of a checkpoint a run starts from) the model is that one, and a file or
+    `--set` value that would change it is a ConfigError."""
     file_values: dict[str, Any] = {}
     if config_file:
         file_values = load_toml(config_file)
         preset_name = tomllib.loads(Path(config_file).read_text(encoding="utf-8")).get(
             "preset", preset_name)
-    model, train = preset(preset_name)
-    model, train = apply_overrides(model, train, file_values)
-    return apply_overrides(model, train, parse_set_arguments(overrides or []))
+    preset_model, train = preset(preset_name)
+    resolved, train = apply_overrides(model or preset_model, train, file_values)
+    resolved, train = apply_overrides(resolved, train, parse_set_arguments(overrides or []))
+    if model is not None:
+        refuse_model_changes(model, resolved, "the model's shape comes from the --init-from checkpoint")
+    return resolved, train

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen3.checkpoint import TRAINER_STATE_NAME, last_checkpoint, load_trainer_state, resume_state
-from qwen3.config import ModelConfig, TrainConfig, apply_overrides
+from qwen3.config import ModelConfig, TrainConfig, apply_overrides, refuse_model_changes
 from qwen3.errors import UserError
 
 
@@ -47,10 +47,7 @@ def saved_configs(state: dict[str, Any], run_dir: str | Path, overrides: dict[st
     saved_model = ModelConfig(**state["model_config"])
     saved_train = TrainConfig(**state["train_config"])
     model_config, train_config = apply_overrides(saved_model, saved_train, dict(overrides or {}))
-    if model_config != saved_model:
-        changed = [f.name for f in dataclasses.fields(ModelConfig)
-                   if getattr(model_config, f.name) != getattr(saved_model, f.name)]
-        raise UserError(f"the model's shape cannot change when resuming (changed: {', '.join(changed)})")
+    refuse_model_changes(saved_model, model_config, "the model's shape cannot change when resuming")
     return model_config, dataclasses.replace(train_config, out_dir=str(run_dir))
 
 

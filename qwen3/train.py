@@ -146,7 +146,7 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
     layout = batch_layout(config.batch_size, config.grad_accum, seq_len, processes.world_size)
     tune_malloc()
     out = Path(config.out_dir)
-    source = ModelSource(out / "last" if saved is not None else None)
+    source = ModelSource(out / "last" if saved is not None else Path(config.init_from) if config.init_from else None)
     say = (lambda message: tqdm.write(message, file=sys.stderr)) if processes.is_main else (lambda message: None)
 
     def prepare_data() -> PreparedData:

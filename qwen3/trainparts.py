@@ -14,8 +14,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from qwen3.checkpoint import load_model
-from qwen3.config import ModelConfig, TrainConfig
+from qwen3.checkpoint import CheckpointError, find_checkpoint, load_config, load_model
+from qwen3.config import ModelConfig, TrainConfig, refuse_model_changes
 from qwen3.store import PreparedData
 from qwen3.windows import RandomWindows
 from qwen3.errors import UserError
@@ -175,6 +175,7 @@ class ModelSource:
     def build(self, model_config: ModelConfig, tokenizer: Tokenizer, device: torch.device) -> Qwen3ForCausalLM:
         if self.checkpoint is not None:
             model = load_model(self.checkpoint, device=device).train()
+            refuse_model_changes(model.config, model_config, f"{self.checkpoint} holds another model")
         else:
             model = Qwen3ForCausalLM(replace(
                 model_config, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
@@ -183,3 +184,17 @@ class ModelSource:
             raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
                             f"{model.config.vocab_size}")
         return model
+
+
+def init_checkpoint(path: str | Path) -> tuple[Path, ModelConfig]:
+    """The checkpoint folder `--init-from path` starts from (a run folder means its best/) and its
+    model's shape; a folder that is not a Qwen3 checkpoint with a tokenizer is a UserError."""
+    try:
+        folder = find_checkpoint(path)
+        model_config = load_config(folder)
+    except CheckpointError as error:
+        raise UserError(f"--init-from {path}: not a Qwen3 checkpoint: {error}") from None
+    if not (folder / "tokenizer.json").is_file():
+        raise UserError(f"--init-from {path}: {folder} has no tokenizer.json; a run starts from a "
+                        f"checkpoint's weights and its tokenizer")
+    return folder, model_config
