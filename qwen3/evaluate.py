@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,6 @@ class EvalResult:
                 f" | bits/byte {self.bits_per_byte:.4f} | {self.tokens:,} tokens")
 
 
-@torch.no_grad()
 def evaluate(model: Qwen3ForCausalLM, tokens: np.ndarray, seq_len: int, batch_size: int, num_bytes: int,
              device: torch.device | str = "cpu",
              autocast: contextlib.AbstractContextManager | None = None,
@@ -61,11 +60,26 @@ def evaluate(model: Qwen3ForCausalLM, tokens: np.ndarray, seq_len: int, batch_si
     With several processes, rank r scores batches r, r + world_size, ... and the sums are
     all-reduced, so every rank returns the same result.
     """
+    result = score_batches(model, eval_windows(tokens, seq_len, batch_size), num_bytes, device, autocast,
+                           rank, world_size)
+    if result is None:
+        raise UserError(f"the validation split has {len(tokens)} token(s): nothing to evaluate")
+    return result
+
+
+@torch.no_grad()
+def score_batches(model: Qwen3ForCausalLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_bytes: int,
+                  device: torch.device | str = "cpu",
+                  autocast: contextlib.AbstractContextManager | None = None,
+                  rank: int = 0, world_size: int = 1) -> EvalResult | None:
+    """The metrics of `model` over (x, y) batches whose targets of -100 are not scored (None when no
+    target is); `num_bytes` is the UTF-8 size of the scored text. Rank r scores batches r,
+    r + world_size, ... and the sums are all-reduced."""
     was_training = model.training
     model.eval()
     # Running sums on the device (nats, correct predictions, targets): no host sync per batch.
     totals = torch.zeros(3, dtype=torch.float64, device=device)
-    for index, (x, y) in enumerate(eval_windows(tokens, seq_len, batch_size)):
+    for index, (x, y) in enumerate(batches):
         if index % world_size != rank:
             continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -77,7 +91,7 @@ def evaluate(model: Qwen3ForCausalLM, tokens: np.ndarray, seq_len: int, batch_si
         dist.all_reduce(totals)
     nats, correct, count = totals.tolist()
     if count == 0:
-        raise UserError(f"the validation split has {len(tokens)} token(s): nothing to evaluate")
+        return None
     loss = nats / count
     # Each target token stands for its share of the split's bytes, so total bits / total bytes
     # = loss_per_token * tokens / (bytes * ln 2).

@@ -45,9 +45,8 @@ from tqdm import tqdm
 import qwen3
 from qwen3.checkpoint import resume_state, save_model
 from qwen3.config import ModelConfig, TrainConfig
-from qwen3.store import PreparedData, prepare
 from qwen3.errors import UserError
-from qwen3.evaluate import EvalResult, evaluate
+from qwen3.evaluate import EvalResult
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.muon import build_optimizers
 from qwen3.resume import ResumePoint, refuse_unfinished, resume_configs, unfinished_run
@@ -55,8 +54,8 @@ from qwen3.runfiles import RunFiles
 from qwen3.runtime import (Distributed, autocast_for, cpu_name, graceful_stop, init_distributed, peak_flops,
                            rank_zero_first, resolve_dtype, rng_state, seed_everything, set_rng_state,
                            teardown_distributed, tune_malloc)
-from qwen3.trainparts import (BatchFactory, BatchLayout, BatchSource, CausalLMLoss, CompiledOrEager, ModelSource,
-                              Pending, batch_layout, flops_per_token, lr_factor, random_windows)
+from qwen3.trainparts import (PRETRAINING, BatchLayout, BatchSource, CausalLMLoss, CompiledOrEager, DataStage,
+                              ModelSource, Pending, batch_layout, data_stage, flops_per_token, lr_factor)
 
 # The training API in one place (the resume helpers and the loop's pieces live in their own modules).
 __all__ = ["BatchSource", "CausalLMLoss", "ModelSource", "RunResult", "TrainState", "TrainingDiverged",
@@ -89,7 +88,7 @@ class TrainState:
     processes: Distributed
     autocast_dtype: torch.dtype
     layout: BatchLayout
-    data: PreparedData
+    data: Any                      # the stage's: PreparedData (text windows) or ConversationData
     model: Qwen3ForCausalLM
     step_model: nn.Module          # model + loss, compiled and/or wrapped in DDP: what a micro-step calls
     optimizers: list[torch.optim.Optimizer]
@@ -100,6 +99,7 @@ class TrainState:
     peak_flops: float              # one device's
     flops_per_token: float         # training FLOPs of one token at this model and seq_len
     params: list[nn.Parameter] = field(default_factory=list)  # the trainable ones: clipped together
+    stage: DataStage = PRETRAINING  # what the run learns from and is evaluated on
     step: int = 0
     best_val_loss: float = math.inf
     elapsed_before: float = 0.0    # wall-clock of the earlier parts of a resumed run
@@ -133,8 +133,7 @@ class TrainState:
 # Set-up
 
 
-def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] | None = None,
-          make_batches: BatchFactory = random_windows) -> TrainState:
+def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] | None = None) -> TrainState:
     """The run's state, ready for its first step; with `saved` (the trainer state of
     config.out_dir/last), ready for the step after the saved one."""
     processes = init_distributed(config.device)
@@ -149,12 +148,12 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
     source = ModelSource(out / "last" if saved is not None else Path(config.init_from) if config.init_from else None)
     say = (lambda message: tqdm.write(message, file=sys.stderr)) if processes.is_main else (lambda message: None)
 
-    def prepare_data() -> PreparedData:
+    stage = data_stage(config.stage)
+
+    def prepare_data() -> Any:
         if saved is None:
             refuse_unfinished(out)
-        return prepare(config.data, tokenizer=source.tokenizer(config), vocab_size=config.tokenizer_vocab_size,
-                       val_fraction=config.val_fraction, cache_dir=config.cache_dir, min_tokens=seq_len + 1,
-                       progress=processes.is_main, log=say)
+        return stage.prepare(config, source.tokenizer(config), seq_len, processes.is_main, say)
 
     # Rank 0 tokenizes, then the others find the cache; a user error stops every rank.
     data = rank_zero_first(prepare_data, processes)
@@ -166,10 +165,10 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
     state = TrainState(
         config, processes, autocast_dtype, layout, data, model, step_model, optimizers,
         torch.amp.GradScaler(processes.device.type, enabled=autocast_dtype == torch.float16),
-        make_batches(data, layout, config.seed, processes), Pending.zeros(processes.device),
+        stage.batches(data, layout, config.seed, processes), Pending.zeros(processes.device),
         RunFiles(out, processes.is_main),
         config.peak_flops or peak_flops(processes.device, autocast_dtype),
-        flops_per_token(model.config, layout.seq_len), [p for p in model.parameters() if p.requires_grad])
+        flops_per_token(model.config, layout.seq_len), [p for p in model.parameters() if p.requires_grad], stage)
     if saved is not None:
         restore(state, saved)
     state.files.start(describe_run(state), state.step if saved is not None else None)
@@ -393,9 +392,9 @@ def evaluate_and_save(state: TrainState) -> EvalResult:
     """Evaluate on the whole validation split; save best/ when it improved, and last/."""
     stop_if_diverged(state)  # never checkpoint a diverged model
     processes = state.processes
-    result = evaluate(state.model, state.data.val_tokens, state.layout.seq_len, state.config.batch_size,
-                      state.data.val_bytes, state.device, autocast_for(state.device, state.autocast_dtype),
-                      processes.rank, processes.world_size)
+    result = state.stage.evaluate(state.model, state.data, state.layout.seq_len, state.config.batch_size,
+                                  state.device, autocast_for(state.device, state.autocast_dtype),
+                                  processes.rank, processes.world_size)
     if not math.isfinite(result.loss):
         diverged(state, f"validation loss {result.loss}", "at")
     improved = result.loss < state.best_val_loss

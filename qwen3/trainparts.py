@@ -1,10 +1,12 @@
 """The training loop's pieces that hold no run state: the schedule, the FLOP count, the loss module,
 how the global batch is shared across processes, the counters between log lines, compilation, and
-the two seams of the loop: where the model comes from and where the batches come from.
+the two seams of the loop: where the model comes from (`ModelSource`) and what it learns from
+(`DataStage`: pretraining's text windows, or chat fine-tuning's conversations in qwen3/sft.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -16,9 +18,10 @@ from torch import nn
 
 from qwen3.checkpoint import CheckpointError, find_checkpoint, load_config, load_model
 from qwen3.config import ModelConfig, TrainConfig, refuse_model_changes
-from qwen3.store import PreparedData
+from qwen3.store import PreparedData, prepare
 from qwen3.windows import RandomWindows
 from qwen3.errors import UserError
+from qwen3.evaluate import EvalResult, evaluate
 from qwen3.loss import linear_cross_entropy
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.runtime import Distributed
@@ -152,13 +155,58 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-BatchFactory = Callable[[PreparedData, BatchLayout, int, Distributed], BatchSource]
+BatchFactory = Callable[[Any, BatchLayout, int, Distributed], BatchSource]
+
+
+@dataclass(frozen=True)
+class DataStage:
+    """What a stage of training reads, draws its micro-batches from and is scored on.
+
+    prepare(config, tokenizer, seq_len, progress, log) -> data: the training and held-out data
+    (`tokenizer`: what to tokenize with, a path, or "" to train one; `data.tokenizer` and
+    `data.summary` are what the loop reads of it);
+    batches(data, layout, seed, processes) -> this process's BatchSource;
+    evaluate(model, data, seq_len, batch_size, device, autocast, rank, world_size) -> the held-out
+    metrics, the same on every rank."""
+
+    prepare: Callable[[TrainConfig, str, int, bool, Callable[[str], None]], Any]
+    batches: BatchFactory
+    evaluate: Callable[[Qwen3ForCausalLM, Any, int, int, torch.device, contextlib.AbstractContextManager,
+                        int, int], EvalResult]
+
+
+def prepare_text(config: TrainConfig, tokenizer: str, seq_len: int, progress: bool,
+                 log: Callable[[str], None]) -> PreparedData:
+    """Pretraining data: the token store of the text sources, split by document."""
+    return prepare(config.data, tokenizer=tokenizer, vocab_size=config.tokenizer_vocab_size,
+                   val_fraction=config.val_fraction, cache_dir=config.cache_dir, min_tokens=seq_len + 1,
+                   progress=progress, log=log)
 
 
 def random_windows(data: PreparedData, layout: BatchLayout, seed: int, processes: Distributed) -> BatchSource:
     """Pretraining batches: random windows of the training split, each rank its rows of the global batch."""
     return RandomWindows(data.train_tokens, layout.seq_len, layout.rows, seed, processes.rank,
                          processes.world_size)
+
+
+def evaluate_text(model: Qwen3ForCausalLM, data: PreparedData, seq_len: int, batch_size: int,
+                  device: torch.device, autocast: contextlib.AbstractContextManager, rank: int,
+                  world_size: int) -> EvalResult:
+    """Every token of the validation split, once."""
+    return evaluate(model, data.val_tokens, seq_len, batch_size, data.val_bytes, device, autocast,
+                    rank, world_size)
+
+
+PRETRAINING = DataStage(prepare_text, random_windows, evaluate_text)
+
+
+def data_stage(name: str) -> DataStage:
+    """The DataStage of TrainConfig.stage."""
+    if name == "sft":
+        from qwen3.sft import CHAT_FINE_TUNING  # imports this module
+
+        return CHAT_FINE_TUNING
+    return PRETRAINING
 
 
 @dataclass(frozen=True)
