@@ -1,4 +1,4 @@
-"""The `qwen3` command line: prepare, train, eval, generate, chat, serve, export.
+"""The `qwen3` command line: prepare, train, sft, eval, generate, chat, serve, export.
 
 Each command parses its flags here and calls into the module that does the work; heavy imports
 happen inside the command so `qwen3 --help` is instant. A `UserError` is printed as one line on
@@ -69,6 +69,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     if result.final_eval is not None:
         print(f"step {result.step}: validation {result.final_eval.summary()}")
     print(f"best checkpoint: {result.out_dir / 'best'} (validation loss {result.best_val_loss:.4f})")
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    """`qwen3 train --preset sft --init-from DIR`, with the output beside DIR by default."""
+    args.preset, args.init_from, args.resume, args.optimizer = "sft", args.dir, None, None
+    args.out = args.out or str(args.dir).rstrip("/") + "-sft"
+    cmd_train(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -154,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any model or train config field (repeatable)")
     train.set_defaults(handler=cmd_train)
+
+    sft = commands.add_parser("sft", help="chat fine-tuning: the loss on the assistant's replies")
+    sft.add_argument("dir", metavar="DIR", help="checkpoint or run folder to start from")
+    sft.add_argument("--data", action="append", default=None, metavar="FILE",
+                     help="conversations: .jsonl/.json/.parquet with messages, ShareGPT conversations or "
+                          "prompt/completion (repeatable); default: the embedded set built from the corpus")
+    sft.add_argument("--out", metavar="DIR", help="run folder (default: DIR-sft)")
+    sft.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
+    sft.add_argument("--config", metavar="FILE.toml", help="TOML file with a [train] table")
+    sft.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
+    sft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any train config field (repeatable)")
+    sft.set_defaults(handler=cmd_sft)
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on validation data")
     evaluate.add_argument("dir", metavar="DIR", help="checkpoint folder or run folder")

@@ -216,6 +216,12 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         dict(tokenizer_vocab_size=512, batch_size=4, grad_accum=1, max_steps=100,
              warmup_steps=10, eval_interval=50, log_interval=10, out_dir="runs/tiny"),
     ),
+    # Chat fine-tuning (qwen3 sft DIR): the model is DIR's; AdamW at a fine-tuning learning rate.
+    "sft": (
+        {},
+        dict(stage="sft", optimizer="adamw", adamw_lr=1e-3, batch_size=8, grad_accum=1, max_steps=300,
+             warmup_steps=20, eval_interval=50, log_interval=10, out_dir="runs/sft"),
+    ),
     # The real Qwen3-0.6B shape (needs a GPU to train in any reasonable time).
     "qwen3-0.6b": (
         dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,

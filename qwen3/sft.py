@@ -1,0 +1,154 @@
+"""Chat fine-tuning (SFT) as a stage of the one training loop: `qwen3 sft DIR` is
+`qwen3 train --preset sft --init-from DIR`, so resume, DDP, evaluation, checkpoints and metrics
+are pretraining's.
+
+The conversations (`--data` files in any format of qwen3/conversations.py, or without `--data`
+the embedded set of qwen3/kjv_chat.py) are rendered with the checkpoint's chat template, split by
+conversation into training and held-out, and packed into rows of seq_len + 1 tokens with their
+loss masks. The loop draws shuffled rows (`PackedRows`); the loss counts only the replies' tokens
+(targets of -100 elsewhere). Evaluation scores the held-out rows the same way: assistant-token
+loss, accuracy, perplexity, and bits per byte of the reply text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from qwen3.config import TrainConfig
+from qwen3.conversations import Messages, Packed, held_out, pack, read_conversations, render
+from qwen3.errors import UserError
+from qwen3.evaluate import EvalResult, score_batches
+from qwen3.kjv_chat import kjv_chat
+from qwen3.model import Qwen3ForCausalLM
+from qwen3.runtime import Distributed
+from qwen3.tokenizer import Tokenizer, load_tokenizer
+from qwen3.trainparts import BatchLayout, DataStage
+
+EMBEDDED = "builtin:kjv-chat"
+
+
+@dataclass
+class ConversationData:
+    """The packed training and held-out conversations, and the tokenizer that rendered them."""
+
+    tokenizer: Tokenizer
+    train: Packed
+    val: Packed
+    sources: list[str]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """What run.json records of the data."""
+        return {"sources": self.sources, "row_tokens": self.train.rows.shape[1],
+                **{f"{name}_{key}": value for name, packed in (("train", self.train), ("val", self.val))
+                   for key, value in (("conversations", packed.conversations), ("rows", len(packed.rows)),
+                                      ("learned_tokens", int(packed.learned.sum())),
+                                      ("dropped_too_long", packed.too_long))}}
+
+    def describe(self) -> str:
+        dropped = self.train.too_long + self.val.too_long
+        return (f"conversations from {', '.join(self.sources)}: {self.train.conversations:,} training "
+                f"in {len(self.train.rows):,} rows of {self.train.rows.shape[1]} tokens, "
+                f"{self.val.conversations:,} held out; {dropped:,} longer than a row dropped")
+
+
+def split_conversations(sources: list[str], val_fraction: float) -> tuple[list[Messages], list[Messages]]:
+    """(training, held-out) conversations of the `--data` files, or of the embedded set."""
+    if not sources:
+        training, held = kjv_chat()
+        return [messages for _, messages in training], [messages for _, messages in held]
+    training, held = [], []
+    for source in sources:
+        for messages in read_conversations(source):
+            (held if held_out(messages, val_fraction) else training).append(messages)
+    return training, held
+
+
+def prepare_conversations(config: TrainConfig, tokenizer_path: str, seq_len: int, progress: bool,
+                          log: Any) -> ConversationData:
+    """The stage's data: rendered, split and packed conversations."""
+    if not tokenizer_path:
+        raise UserError("chat fine-tuning starts from a checkpoint: qwen3 sft DIR "
+                        "(or qwen3 train --preset sft --init-from DIR)")
+    tokenizer = load_tokenizer(tokenizer_path)
+    training, held = split_conversations(config.data, config.val_fraction)
+    if not held or not training:
+        raise UserError(f"{len(training) + len(held)} conversation(s) split into {len(training)} for training "
+                        f"and {len(held)} held out (val_fraction {config.val_fraction}): both need some")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    packed = [pack([render(tokenizer, messages) for messages in split], seq_len + 1, pad)
+              for split in (training, held)]
+    data = ConversationData(tokenizer, *packed, list(config.data) or [EMBEDDED])
+    if not data.train.conversations or not data.val.conversations:
+        raise UserError(f"every {'training' if not data.train.conversations else 'held-out'} conversation "
+                        f"is longer than seq_len + 1 = {seq_len + 1} tokens: raise seq_len")
+    log(data.describe())
+    return data
+
+
+class PackedRows:
+    """An endless stream of (x, y) batches of packed rows, shuffled anew every epoch.
+
+    Step s takes the global rows s * B * W ... (s + 1) * B * W - 1 of the epochs' permutations (B rows
+    a process, W processes) and rank r its B of them, so the stream does not depend on how many
+    processes share it; the step count alone resumes it."""
+
+    def __init__(self, packed: Packed, rows: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.x = torch.from_numpy(packed.rows[:, :-1].copy())
+        self.y = torch.from_numpy(packed.targets())
+        self.rows, self.seed, self.rank, self.world_size = rows, seed, rank, world_size
+        self.steps = 0
+        self._epoch = (-1, np.arange(0))
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._epoch[0] != epoch:
+            self._epoch = (epoch, np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.x)))
+        return self._epoch[1]
+
+    def __iter__(self) -> PackedRows:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        first = (self.steps * self.world_size + self.rank) * self.rows
+        count = len(self.x)
+        indices = torch.tensor([self.order(index // count)[index % count] for index in range(first, first + self.rows)])
+        self.steps += 1
+        return self.x[indices], self.y[indices]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed, self.steps = state["seed"], state["steps"]
+
+
+def packed_rows(data: ConversationData, layout: BatchLayout, seed: int, processes: Distributed) -> PackedRows:
+    return PackedRows(data.train, layout.rows, seed, processes.rank, processes.world_size)
+
+
+def evaluate_conversations(model: Qwen3ForCausalLM, data: ConversationData, seq_len: int, batch_size: int,
+                           device: torch.device, autocast: contextlib.AbstractContextManager, rank: int = 0,
+                           world_size: int = 1) -> EvalResult:
+    """Assistant-token loss, accuracy and perplexity of the held-out conversations."""
+    return score_packed(model, data.val, batch_size, device, autocast, rank, world_size)
+
+
+def score_packed(model: Qwen3ForCausalLM, packed: Packed, batch_size: int, device: torch.device | str = "cpu",
+                 autocast: contextlib.AbstractContextManager | None = None, rank: int = 0,
+                 world_size: int = 1) -> EvalResult:
+    """The metrics of the learned tokens of packed conversations, `batch_size` rows at a time."""
+    x = torch.from_numpy(packed.rows[:, :-1].copy())
+    y = torch.from_numpy(packed.targets())
+    batches = ((x[start:start + batch_size], y[start:start + batch_size]) for start in range(0, len(x), batch_size))
+    result = score_batches(model, batches, packed.reply_bytes, device, autocast, rank, world_size)
+    if result is None:
+        raise UserError("no conversation to score: every one is longer than a row")
+    return result
+
+
+CHAT_FINE_TUNING = DataStage(prepare_conversations, packed_rows, evaluate_conversations)

@@ -1,0 +1,193 @@
+"""Chat fine-tuning: the loss mask is exact, every conversation format renders the same tokens, bad
+input is a clear error, and `qwen3 sft` lowers the held-out reply loss, teaches the model to stop,
+resumes exactly and runs under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow
+import pyarrow.parquet
+import pytest
+import torch
+
+from qwen3 import cli
+from qwen3.checkpoint import load_config, load_model, save_model
+from qwen3.config import ModelConfig, apply_overrides, preset
+from qwen3.conversations import pack, read_conversations, render
+from qwen3.errors import UserError
+from qwen3.model import Qwen3ForCausalLM
+from qwen3.sources import kjv_books
+from qwen3.tokenizer import IM_END, train_tokenizer
+from qwen3.train import train
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "Who wrote Psalms?"},
+    {"role": "assistant", "content": "David, mostly."},
+    {"role": "user", "content": "And Ésaïe — ünïcode?"},
+    {"role": "assistant", "content": "Isaiah: «the prophet»."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(kjv_books()[:6], vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer, one_thread) -> Path:
+    """A tiny random model with the tokenizer: what the fine-tuning tests start from."""
+    folder = tmp_path_factory.mktemp("sft") / "base"
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(ModelConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id))
+    save_model(model, folder, tokenizer=tokenizer)
+    return folder
+
+
+def test_the_loss_is_on_every_assistant_token_and_its_end_of_turn_token_only(tokenizer):
+    rendered = render(tokenizer, CONVERSATION)
+    # The template writes <|im_start|>role\ncontent<|im_end|>\n per message; each piece tokenizes alone.
+    expected_ids, expected_learned = [], []
+    for message in CONVERSATION:
+        head = tokenizer.encode(f"<|im_start|>{message['role']}\n")
+        content = tokenizer.encode(message["content"])
+        close, newline = tokenizer.encode(IM_END), tokenizer.encode("\n")
+        reply = message["role"] == "assistant"
+        expected_ids += head + content + close + newline
+        expected_learned += [False] * len(head) + [reply] * (len(content) + len(close)) + [False] * len(newline)
+    assert rendered.ids == expected_ids
+    assert rendered.learned == expected_learned
+    learned_text = tokenizer.decode([i for i, learned in zip(rendered.ids, rendered.learned) if learned])
+    assert learned_text == "David, mostly.<|im_end|>Isaiah: «the prophet».<|im_end|>"
+
+
+def test_packed_rows_carry_the_mask_and_drop_conversations_longer_than_a_row(tokenizer):
+    short = render(tokenizer, CONVERSATION[1:3])
+    long = render(tokenizer, CONVERSATION)
+    packed = pack([short, long, short, short], row_tokens=len(short.ids) * 2 + 1, pad_id=0)
+    assert packed.too_long == 1 and packed.conversations == 3 and len(packed.rows) == 2
+    targets = packed.targets()  # y: the next token where it is learned, else -100
+    first = short.ids + short.ids
+    assert packed.rows[0, :len(first)].tolist() == first
+    learned = short.learned + short.learned + [False]
+    assert targets[0].tolist() == [token if keep else -100 for token, keep in zip(first[1:] + [0], learned[1:])]
+    assert (targets[1, len(short.ids) - 1:] == -100).all()  # the padding carries no loss
+
+
+def write_formats(folder: Path) -> list[Path]:
+    """One two-message conversation (with a system turn where the format has one) in every format."""
+    system, user, assistant = (m["content"] for m in CONVERSATION[:3])
+    records = {
+        "messages.jsonl": {"messages": CONVERSATION[:3]},
+        "sharegpt.jsonl": {"conversations": [{"from": "system", "value": system}, {"from": "human", "value": user},
+                                             {"from": "gpt", "value": assistant}]},
+        "array.json": [{"messages": CONVERSATION[:3]}],
+    }
+    paths = []
+    for name, record in records.items():
+        path = folder / name
+        path.write_text(json.dumps(record) + "\n" if name.endswith(".jsonl") else json.dumps(record))
+        paths.append(path)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"messages": CONVERSATION[:3]}]),
+                                folder / "messages.parquet")
+    return paths + [folder / "messages.parquet"]
+
+
+def test_every_format_loads_to_the_same_rendered_tokens(tokenizer, tmp_path):
+    rendered = {path.name: render(tokenizer, read_conversations(path)[0]) for path in write_formats(tmp_path)}
+    reference = render(tokenizer, CONVERSATION[:3])
+    assert all(value == reference for value in rendered.values()), list(rendered)
+    pair = tmp_path / "pair.jsonl"
+    pair.write_text(json.dumps({"prompt": CONVERSATION[1]["content"], "completion": CONVERSATION[2]["content"]}))
+    assert render(tokenizer, read_conversations(pair)[0]) == render(tokenizer, CONVERSATION[1:3])
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"messages": [{"role": "user", "content": "hi"}', r"bad\.jsonl, line 2: not valid JSON"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', r"line 2: the conversation has no assistant turn"),
+    ('{"messages": [{"role": "tool", "content": "x"}]}', r"line 2: message 1 has the unknown role 'tool'"),
+    ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]}',
+     r"line 2: message 2 \(gpt\) is empty"),
+    ('{"text": "plain"}', r"line 2: no conversation found \(fields: 'text'\)"),
+])
+def test_bad_conversations_are_errors_naming_the_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + line + "\n")
+    with pytest.raises(UserError, match=message):
+        read_conversations(path)
+
+
+def test_qwen3_sft_with_bad_data_says_so_in_one_line_and_writes_nothing(base, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sft", str(base), "--data", str(path), "--out", str(tmp_path / "out"), "--set", "device=cpu"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"qwen3 sft: error: {path}, line 1: the conversation has no assistant turn, so nothing to learn"]
+    assert not (tmp_path / "out" / "last").exists()
+
+
+def arithmetic(path: Path, count: int = 300) -> str:
+    """Short question-and-answer conversations: a --data file that renders in milliseconds."""
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                      {"role": "assistant", "content": f"{a + b}."}]})
+             for a in range(count // 10) for b in range(10)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def sft_configs(base: Path, out: Path, **values):
+    _, train_config = preset("sft")
+    settings = dict(init_from=str(base), out_dir=str(out), device="cpu", dtype="float32", peak_flops=1e11,
+                    seq_len=64, batch_size=4, warmup_steps=5, log_interval=2)
+    settings.update(values)
+    return apply_overrides(load_config(base), train_config, settings)
+
+
+def test_an_interrupted_fine_tuning_resumed_ends_equal_to_an_uninterrupted_one(base, tmp_path):
+    data = arithmetic(tmp_path / "sums.jsonl")
+    settings = dict(data=[data], max_steps=12, eval_interval=6)
+    reference = train(*sft_configs(base, tmp_path / "reference", **settings))
+    stopped = train(*sft_configs(base, tmp_path / "run", **settings), should_stop=lambda step: step == 5)
+    assert stopped.interrupted and stopped.step == 5
+    cli.main(["train", "--resume", str(tmp_path / "run")])  # the stage and data come from the run
+    ours, theirs = load_model(tmp_path / "run" / "last"), load_model(tmp_path / "reference" / "last")
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["train"]["stage"] == "sft"
+    assert reference.step == 12
+
+
+def test_two_processes_under_torchrun_fine_tune_like_one(base, tmp_path):
+    data = arithmetic(tmp_path / "sums.jsonl")
+    settings = dict(data=[data], max_steps=4, eval_interval=4, log_interval=1)
+    single = train(*sft_configs(base, tmp_path / "single", **settings))
+    flags = {k: v for k, v in sft_configs(base, tmp_path, **settings)[1].__dict__.items()
+             if k in ("device", "dtype", "peak_flops", "seq_len", "batch_size", "warmup_steps", "log_interval",
+                      "eval_interval")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "qwen3",
+               "sft", str(base), "--data", data, "--out", str(tmp_path / "ddp"), "--max-steps", "4",
+               *[arg for key, value in flags.items() for arg in ("--set", f"{key}={value}")]]
+    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    events = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    single_events = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    ours = {e["step"]: e["loss"] for e in events if "loss" in e}
+    theirs = {e["step"]: e["loss"] for e in single_events if "loss" in e}
+    assert sorted(ours) == sorted(theirs) == [1, 2, 3, 4]
+    # Each rank's loss is the mean over its own learned tokens, and DDP averages the ranks' means:
+    # with masks the ranks count different numbers of tokens, so the step's loss is close to one
+    # process's mean over all of them, not equal. Evaluation sums over all ranks: equal.
+    for step in ours:
+        assert ours[step] == pytest.approx(theirs[step], abs=2e-2), step
+    val = [e["val_loss"] for e in events if "val_loss" in e]
+    assert val == [pytest.approx(single.best_val_loss, abs=2e-2)]
