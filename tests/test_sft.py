@@ -15,7 +15,8 @@ import pyarrow.parquet
 import pytest
 import torch
 
-from qwen3 import cli
+from qwen3 import cli, kjv_chat
+from qwen3.chateval import score_chat
 from qwen3.checkpoint import load_config, load_model, save_model
 from qwen3.config import ModelConfig, apply_overrides, preset
 from qwen3.conversations import pack, read_conversations, render
@@ -150,6 +151,20 @@ def sft_configs(base: Path, out: Path, **values):
                     seq_len=64, batch_size=4, warmup_steps=5, log_interval=2)
     settings.update(values)
     return apply_overrides(load_config(base), train_config, settings)
+
+
+@pytest.mark.slow
+def test_fine_tuning_on_the_embedded_set_lowers_the_reply_loss_and_teaches_the_model_to_stop(
+        base, tmp_path, monkeypatch):
+    monkeypatch.setattr(kjv_chat, "TRAINING_VERSES", 1500)  # ~4,400 conversations: renders in seconds
+    out = tmp_path / "run"
+    result = train(*sft_configs(base, out, max_steps=60, eval_interval=60, seq_len=128))
+    before, after = (score_chat(path, limit=90, max_new_tokens=16) for path in (base, out / "best"))
+    assert after.reply_loss < before.reply_loss - 0.4, (before, after)
+    assert after.end_of_turn_share > before.end_of_turn_share + 0.2, (before, after)  # 0 -> 0.33
+    assert result.final_eval.loss == pytest.approx(result.best_val_loss)
+    run = json.loads((out / "run.json").read_text())
+    assert run["data"]["sources"] == ["builtin:kjv-chat"] and run["data"]["val_conversations"] > 0
 
 
 def test_an_interrupted_fine_tuning_resumed_ends_equal_to_an_uninterrupted_one(base, tmp_path):
