@@ -5,6 +5,7 @@
     DIR/generation_config.json   bos/eos ids
     DIR/tokenizer.json ...       when a tokenizer is given
     DIR/trainer_state.pt         optional: what a resumed run needs
+    DIR/adapter/                 a LoRA run's adapters in peft's format (the weights hold them merged)
 
 A kill at any moment never loses a checkpoint: `DIR` is a relative symlink to a complete version
 folder beside it (`.DIR.<id>`), and a save writes a new version, fsyncs it and switches the link
@@ -26,11 +27,13 @@ from safetensors.torch import load_file, save_file
 from qwen3.atomic import atomic_directory, recover
 from qwen3.config import ModelConfig
 from qwen3.errors import UserError
+from qwen3.lora import lora_layers, plain_state_dict, save_adapter
 from qwen3.model import Qwen3ForCausalLM
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 TRAINER_STATE_NAME = "trainer_state.pt"
+ADAPTER_FOLDER = "adapter"  # a LoRA run's adapters alone, in peft's format
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -43,7 +46,8 @@ def save_model(model: Qwen3ForCausalLM, path: str | Path, tokenizer: Any = None,
     """Write `model` (and optionally its tokenizer and trainer state) as a HF folder at `path`."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     config = model.config
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    # LoRA adapters, if any, merged into the weights under the plain names (qwen3/lora.py).
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in plain_state_dict(model).items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the same tensor as model.embed_tokens.weight
     dtype = next(iter(state.values())).dtype
@@ -60,6 +64,8 @@ def save_model(model: Qwen3ForCausalLM, path: str | Path, tokenizer: Any = None,
         write_json(folder / "generation_config.json", generation)
         if trainer_state is not None:
             torch.save(trainer_state, folder / TRAINER_STATE_NAME)
+        if lora_layers(model):
+            save_adapter(model, folder / ADAPTER_FOLDER)
     return Path(path)
 
 

@@ -44,7 +44,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     # (or, with --resume, over the resumed run's saved configs).
     flags = {name: value for name, value in (
         ("data", args.data), ("out_dir", args.out), ("max_steps", args.max_steps),
-        ("optimizer", args.optimizer), ("compile", args.compile)) if value is not None}
+        ("optimizer", args.optimizer), ("compile", args.compile), ("lora_rank", getattr(args, "lora_rank", None)),
+        ("lora_alpha", getattr(args, "lora_alpha", None)), ("lora_targets", getattr(args, "lora_targets", None)))
+        if value is not None}
     if args.resume and args.init_from:
         raise UserError("--init-from starts a new run; --resume continues one: give one of them")
     if args.resume:
@@ -169,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "prompt/completion (repeatable); default: the embedded set built from the corpus")
     sft.add_argument("--out", metavar="DIR", help="run folder (default: DIR-sft)")
     sft.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
+    sft.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R (0: every weight)")
+    sft.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA scale numerator (default 16)")
+    sft.add_argument("--lora-targets", metavar="NAMES",
+                     help="comma-separated projections to adapt (default: q,k,v,o,gate,up,down _proj)")
     sft.add_argument("--config", metavar="FILE.toml", help="TOML file with a [train] table")
     sft.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
     sft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -129,6 +129,10 @@ class ModelConfig:
         return cls(**values)
 
 
+# The Linear modules of a decoder layer, by their transformers names: where LoRA adapters can go.
+LORA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 @dataclass
 class TrainConfig:
     """Everything the data pipeline and the training loop read. A step is one optimizer step."""
@@ -138,6 +142,9 @@ class TrainConfig:
     tokenizer: str = ""  # a tokenizer.json or model folder to load; empty means train one
     init_from: str = ""  # a checkpoint folder whose weights and tokenizer the run starts from
     stage: str = "pretrain"  # "pretrain" (text windows) or "sft" (conversations, loss on the replies)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on lora_targets, the rest frozen
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_PROJECTIONS))
     tokenizer_vocab_size: int = 8192
     val_fraction: float = 0.1
     seq_len: int = 0  # 0 means the model's max_position_embeddings
@@ -173,10 +180,14 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("seq_len", "warmup_steps"):
+        for name in ("seq_len", "warmup_steps", "lora_rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if self.lora_rank and not set(self.lora_targets) <= set(LORA_PROJECTIONS):
+            raise ConfigError(f"lora_targets must be among {', '.join(LORA_PROJECTIONS)}, got {self.lora_targets}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         for name in ("muon_lr", "adamw_lr"):

@@ -47,6 +47,7 @@ from qwen3.checkpoint import resume_state, save_model
 from qwen3.config import ModelConfig, TrainConfig
 from qwen3.errors import UserError
 from qwen3.evaluate import EvalResult
+from qwen3.lora import adapter_state_dict, add_lora, load_adapter_state
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.muon import build_optimizers
 from qwen3.resume import ResumePoint, refuse_unfinished, resume_configs, unfinished_run
@@ -145,7 +146,9 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
     layout = batch_layout(config.batch_size, config.grad_accum, seq_len, processes.world_size)
     tune_malloc()
     out = Path(config.out_dir)
-    source = ModelSource(out / "last" if saved is not None else Path(config.init_from) if config.init_from else None)
+    # A LoRA run resumes from the frozen base it started from plus its saved adapters.
+    resumed_weights = saved is not None and not config.lora_rank
+    source = ModelSource(out / "last" if resumed_weights else Path(config.init_from) if config.init_from else None)
     say = (lambda message: tqdm.write(message, file=sys.stderr)) if processes.is_main else (lambda message: None)
 
     stage = data_stage(config.stage)
@@ -159,6 +162,8 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
     data = rank_zero_first(prepare_data, processes)
     seed_everything(config.seed)
     model = source.build(model_config, data.tokenizer, processes.device)
+    if config.lora_rank:
+        model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
     optimizers = build_optimizers(model, config.optimizer, config.muon_lr, config.adamw_lr,
                                   config.weight_decay, tuple(config.adamw_betas))
     step_model = wrap_step_model(CausalLMLoss(model), config.compile, processes, say)
@@ -208,6 +213,8 @@ def restore(state: TrainState, saved: dict[str, Any]) -> None:
     mine = ranks[state.processes.rank] if state.processes.rank < len(ranks) else ranks[0]
     # The window stream is the same on every rank (each takes its rows of the global batch).
     state.batches.load_state_dict(mine["windows"])
+    if state.config.lora_rank:
+        load_adapter_state(state.model, saved["adapter"])
     set_rng_state(mine["rng"], state.device)
 
 
@@ -428,6 +435,8 @@ def save_last(state: TrainState) -> None:
             "pending": state.pending.state_dict(),
             "ranks": ranks,
         }
+        if state.config.lora_rank:
+            trainer_state["adapter"] = adapter_state_dict(state.model)
         save_model(state.model, state.out / "last", tokenizer=state.data.tokenizer, trainer_state=trainer_state)
     if processes.world_size > 1:
         dist.barrier()  # nobody reads last/ before it is complete

@@ -4,6 +4,7 @@ resumes exactly and runs under torchrun."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,17 +15,23 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from qwen3 import cli, kjv_chat
 from qwen3.chateval import score_chat
-from qwen3.checkpoint import load_config, load_model, save_model
+from qwen3.checkpoint import load_config, load_model, load_trainer_state, save_model
 from qwen3.config import ModelConfig, apply_overrides, preset
 from qwen3.conversations import pack, read_conversations, render
 from qwen3.errors import UserError
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.sources import kjv_books
 from qwen3.tokenizer import IM_END, train_tokenizer
-from qwen3.train import train
+from qwen3.train import resume_configs, run, setup, train
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 CONVERSATION = [
     {"role": "system", "content": "You answer briefly."},
@@ -206,3 +213,37 @@ def test_two_processes_under_torchrun_fine_tune_like_one(base, tmp_path):
         assert ours[step] == pytest.approx(theirs[step], abs=2e-2), step
     val = [e["val_loss"] for e in events if "val_loss" in e]
     assert val == [pytest.approx(single.best_val_loss, abs=2e-2)]
+
+
+def test_lora_trains_only_the_adapters_and_the_merged_checkpoint_computes_the_peft_models_logits(base, tmp_path):
+    data = arithmetic(tmp_path / "sums.jsonl")
+    out = tmp_path / "lora"
+    state = setup(*sft_configs(base, out, data=[data], max_steps=6, eval_interval=6, adamw_lr=1e-2, lora_rank=4,
+                               lora_targets=["q_proj", "v_proj", "down_proj"]))
+    before = {name: p.detach().clone() for name, p in state.model.named_parameters()}
+    run(state)
+    changed = {name for name, p in state.model.named_parameters() if not torch.equal(p, before[name])}
+    adapters = {name for name in before if ".lora_" in name}
+    assert changed == adapters and len(adapters) == 2 * 3 * 2  # A and B, 3 targets, 2 layers
+    input_ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        peft_logits = state.model.eval()(input_ids)
+        merged = load_model(out / "last")
+        assert (merged(input_ids) - peft_logits).abs().max() < 1e-5
+        # A plain folder: transformers loads it; peft loads the adapter beside it onto the base.
+        reference = AutoModelForCausalLM.from_pretrained(out / "last", attn_implementation="eager").eval()
+        assert (reference(input_ids).logits - peft_logits).abs().max() < 1e-4
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager"),
+                                            out / "last" / "adapter").eval()
+        assert (adapted(input_ids).logits - peft_logits).abs().max() < 1e-4
+
+
+def test_an_interrupted_lora_run_resumed_ends_equal_to_an_uninterrupted_one(base, tmp_path):
+    settings = dict(data=[arithmetic(tmp_path / "sums.jsonl")], max_steps=8, eval_interval=4, lora_rank=2)
+    train(*sft_configs(base, tmp_path / "reference", **settings))
+    train(*sft_configs(base, tmp_path / "run", **settings), should_stop=lambda step: step == 3)
+    train(*resume_configs(tmp_path / "run"), resume=True)
+    ours, theirs = (load_trainer_state(tmp_path / name / "last")["adapter"] for name in ("run", "reference"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert digest(tmp_path / "run" / "last" / "model.safetensors") == digest(
+        tmp_path / "reference" / "last" / "model.safetensors")
