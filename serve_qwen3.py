@@ -1,25 +1,27 @@
 """The seed's serving entry point: `python serve_qwen3.py` -> http://127.0.0.1:5000
 
-Serves the default training run (runs/seed, as `python train_qwen3.py` writes it; its best/
-checkpoint) with the chat page and the OpenAI-compatible API. `qwen3 serve DIR` serves any other
+Serves the default training run with the chat page and the OpenAI-compatible API: runs/seed-sft
+when `qwen3 sft runs/seed` fine-tuned the seed run for chat, else runs/seed (as `python train_qwen3.py`
+writes it); its best/ checkpoint. `qwen3 serve DIR` serves any other
 checkpoint, with options for the host, port, API key and batch size.
 """
 
 import sys
-from pathlib import Path
-
-RUN = Path("runs/seed")
 
 
 def main() -> None:
-    if not any((RUN / name / "config.json").is_file() for name in ("best", "last")):
-        sys.exit(f"serve_qwen3.py: no trained model in {RUN}/ yet. Train one first with "
+    from qwen3.chat import default_chat_run
+
+    run = default_chat_run()
+    if not any((run / name / "config.json").is_file() for name in ("best", "last")):
+        sys.exit(f"serve_qwen3.py: no trained model in {run}/ yet. Train one first with "
                  f"`python train_qwen3.py`, or serve another checkpoint with `qwen3 serve DIR`.")
     from qwen3.errors import UserError
     from qwen3.server.app import serve
 
     try:
-        serve(RUN, host="127.0.0.1", port=5000)
+        print(f"serving {run}", file=sys.stderr)
+        serve(run, host="127.0.0.1", port=5000)
     except UserError as error:
         sys.exit(f"serve_qwen3.py: error: {error}")
 

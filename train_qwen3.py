@@ -2,7 +2,7 @@
 
     python train_qwen3.py               train runs/seed (continuing it if it was interrupted), then the demo
     python train_qwen3.py demo          the five demo prompts against runs/seed
-    python train_qwen3.py interactive   chat with runs/seed
+    python train_qwen3.py interactive   chat with runs/seed-sft when `qwen3 sft runs/seed` made it, else runs/seed
 
 The recipe is the seed's with its steps counted honestly: 8 windows x 2 accumulation = 16 windows of
 256 tokens per optimizer step, 500 optimizer steps, linear warmup then cosine decay, Muon (lr 0.01)
@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     try:
-        from qwen3.chat import DEFAULT_RUN, run_chat, run_demo
+        from qwen3.chat import DEFAULT_RUN, default_chat_run, run_chat, run_demo
 
         if command == "train":
             if not train_seed():
@@ -65,7 +65,9 @@ def main(argv: list[str]) -> int:
         elif command == "demo":
             run_demo(DEFAULT_RUN)
         else:
-            run_chat(DEFAULT_RUN)
+            run = default_chat_run()
+            print(f"chatting with {run}", file=sys.stderr)
+            run_chat(run)
     except UserError as error:
         print(f"train_qwen3.py: error: {error}", file=sys.stderr)
         return 2

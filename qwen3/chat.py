@@ -21,6 +21,7 @@ from qwen3.errors import UserError
 from qwen3.sampling import SamplingParams
 
 DEFAULT_RUN = Path("runs/seed")
+FINE_TUNED_RUN = Path("runs/seed-sft")  # what `qwen3 sft runs/seed` writes
 DEMO_PROMPTS = [
     "In the beginning",
     "And the LORD said unto Moses,",
@@ -29,6 +30,16 @@ DEMO_PROMPTS = [
     "And it came to pass, when",
 ]
 DEMO_PARAMS = SamplingParams(max_new_tokens=60, temperature=0.8, top_k=40, repetition_penalty=1.1)
+
+
+
+def default_chat_run() -> Path:
+    """The run the seed's chat and server talk to: the chat fine-tuned one when `qwen3 sft runs/seed`
+    made it (a chat is what it was trained for), else runs/seed. The demo prompts, plain text
+    continuation, stay with runs/seed."""
+    fine_tuned = any((FINE_TUNED_RUN / name / "config.json").is_file() for name in ("best", "last"))
+    return FINE_TUNED_RUN if fine_tuned else DEFAULT_RUN
+
 
 HELP = """commands:
   /help                  this list

@@ -191,3 +191,13 @@ def test_no_checkpoint_says_how_to_train_one(tmp_path: Path) -> None:
     for run in (run_demo, run_chat):
         with pytest.raises(UserError, match="python train_qwen3.py"):
             run(tmp_path / "runs" / "seed")
+
+
+def test_the_seed_chat_talks_to_the_fine_tuned_run_once_there_is_one(tmp_path, monkeypatch):
+    from qwen3.chat import DEFAULT_RUN, FINE_TUNED_RUN, default_chat_run
+
+    monkeypatch.chdir(tmp_path)
+    assert default_chat_run() == DEFAULT_RUN
+    (FINE_TUNED_RUN / "best").mkdir(parents=True)
+    (FINE_TUNED_RUN / "best" / "config.json").write_text("{}")
+    assert default_chat_run() == FINE_TUNED_RUN
