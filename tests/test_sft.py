@@ -15,7 +15,6 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from qwen3 import cli, kjv_chat
@@ -231,6 +230,8 @@ def test_lora_trains_only_the_adapters_and_the_merged_checkpoint_computes_the_pe
         merged = load_model(out / "last")
         assert (merged(input_ids) - peft_logits).abs().max() < 1e-5
         # A plain folder: transformers loads it; peft loads the adapter beside it onto the base.
+        from peft import PeftModel  # imported here: it takes seconds, and only this test needs it
+
         reference = AutoModelForCausalLM.from_pretrained(out / "last", attn_implementation="eager").eval()
         assert (reference(input_ids).logits - peft_logits).abs().max() < 1e-4
         adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager"),
