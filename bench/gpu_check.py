@@ -25,7 +25,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,8 @@ import train_throughput
 from qwen3.config import ModelConfig, preset
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.muon import build_optimizers
-from qwen3.runtime import autocast_for, init_distributed, peak_flops, resolve_device, resolve_dtype, synchronize
+from qwen3.runtime import (autocast_for, init_distributed, peak_flops, peak_rss_mb, resolve_device, resolve_dtype,
+                           synchronize)
 from qwen3.train import CausalLMLoss, flops_per_token, wrap_step_model
 
 SECTIONS = ("train", "loop", "decode", "serve")
@@ -85,7 +85,7 @@ def peak_memory_gb(device: torch.device) -> float:
     """The device's peak allocated memory since the last reset; on the CPU the process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return peak_rss_mb() * 2**20 / 1e9
 
 
 def time_training(name: str, step_module: torch.nn.Module, params: list[torch.nn.Parameter],

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,10 +28,11 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     from qwen3.lora import add_lora
     from qwen3.model import Qwen3ForCausalLM
     from qwen3.muon import build_optimizers
+    from qwen3.runtime import peak_rss_mb
     from qwen3.trainparts import CausalLMLoss
 
     device = torch.device(args.device)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_before = peak_rss_mb() * 2**20
     model_config, _ = preset("qwen3-0.6b")
     if args.layers:
         model_config.num_hidden_layers = args.layers
@@ -59,7 +59,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before)
+            else peak_rss_mb() * 2**20 - rss_before)
     return {"case": args.case, "parameters": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in params), "peak_gib": peak / 2**30,
             "step_s": statistics.median(times[1:])}

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from qwen3.config import ModelConfig, preset
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.muon import build_optimizers
-from qwen3.runtime import native_bfloat16, peak_flops, resolve_dtype, tune_malloc
+from qwen3.runtime import native_bfloat16, peak_flops, peak_rss_mb, resolve_dtype, tune_malloc
 from qwen3.train import CausalLMLoss, flops_per_token
 
 PRELOAD_CANDIDATES = {
@@ -98,7 +98,7 @@ def worker(case: dict) -> dict:
     params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
     generator = torch.Generator().manual_seed(0)
     vocab = case["vocab"]
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = peak_rss_mb()
 
     def step() -> None:
         x = torch.randint(0, vocab, (case["batch"], case["seq"]), generator=generator)
@@ -119,7 +119,7 @@ def worker(case: dict) -> dict:
     tokens = case["batch"] * case["seq"]
     return {"tok_s": tokens / statistics.median(times), "tok_s_best": tokens / min(times),
             "step_ms": 1000 * statistics.median(times), "faults": faults, "warmup_s": warmup_s,
-            "added_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024}
+            "added_mb": peak_rss_mb() - rss_before}
 
 
 def run_case(case: dict) -> dict:

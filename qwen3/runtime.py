@@ -17,6 +17,7 @@ import platform
 import random
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -129,6 +130,19 @@ def cpu_name() -> str:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB: Linux's VmHWM, which starts afresh at exec (a
+    child's rusage maximum starts at its parent's), else the rusage maximum."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1024 if sys.platform != "darwin" else peak / 2**20  # KiB on Linux, bytes on macOS
 
 
 def tune_malloc() -> bool:
