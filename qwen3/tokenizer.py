@@ -10,9 +10,11 @@ that stop generation, and a Qwen-style chat template. `save_pretrained` writes t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,8 +164,31 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(texts, trainer=trainer)
+    with _serial_tokenizers():
+        backend.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(backend, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT, chat_template=CHAT_TEMPLATE)
+
+
+@contextlib.contextmanager
+def _serial_tokenizers() -> Iterator[None]:
+    """Run the `tokenizers` library on one thread inside the block (it reads TOKENIZERS_PARALLELISM
+    at each parallel step), then restore the setting.
+
+    BPE training counts symbol pairs with a parallel reduce that holds a full pair map (each pair
+    with the set of words it occurs in) per thread, so its peak grew with the cores: 367 MB on one
+    thread, 435 MB on 2, 566 MB on 16 threads for the 64 MB sample of bench/data_bench.py. One
+    thread gives the same merges for the same CPU time (~25 s for that sample), so training, a
+    one-off cached step, is slower only where there are many idle cores; encoding stays parallel.
+    """
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
