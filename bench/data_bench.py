@@ -5,11 +5,16 @@ rather than a repeated pattern: a Zipf-distributed vocabulary of 400,000 distinc
 ASCII, the rest accented Latin, Greek, Cyrillic, CJK and emoji), documents whose lengths spread
 log-uniformly from 200 bytes to 300 KB in JSON Lines files, and a multi-megabyte single document
 (3-24 MB: paragraphs, lines that start outside ASCII, or one line with no newline at all) for every
-~70 MB of text. The folder is read as one source, so `.jsonl` lines and `.txt` files are documents.
+~70 MB of text. The folder is read as one source, so `.jsonl` lines and `.txt` files are documents;
+the files are named in the order they were written, so the single documents come between the JSON
+Lines files and the first one falls inside the 64 MB the tokenizer is trained on.
 
 Each size runs the real command, `python -m qwen3 prepare --data FOLDER --vocab-size N`, in a fresh
 child process; its peak RSS (the kernel's high-water mark, from `os.wait4`) is the figure. The slope
 of peak RSS against corpus size (least squares, MB of RSS per GB of text) says whether memory is flat.
+A child's high-water mark starts at that of the process that started it (exec keeps it), so the
+corpora are written by a process of their own (writing 1 GB takes ~550 MB) and the bench checks that
+its own peak stays below every figure it reports.
 
     .venv/bin/python bench/data_bench.py [--sizes 100,500,1000,2000] [--vocab-size 8192]
 """
@@ -18,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -91,20 +98,21 @@ def write_corpus(folder: Path, size_mb: int, seed: int = 0) -> int:
     maker = TextMaker(seed)
     folder.mkdir(parents=True)
     target = size_mb * 2**20
-    written = big = jsonl = 0
+    written = big = files = 0
     next_big = BIG_DOCUMENT_EVERY // 2
     while written < target:
+        files += 1
         if written >= next_big:
             size = int(maker.rng.integers(3, 25)) * 2**20
             kind = big % 3  # paragraphs / lines starting outside ASCII / a single line
             text = maker.text(size, line_start="— " if kind == 1 else "", newlines=kind != 2)
             data = text.encode("utf-8")
-            (folder / f"single-{big:03d}.txt").write_bytes(data)
+            (folder / f"{files:04d}-single.txt").write_bytes(data)
             written += len(data)
             big += 1
             next_big += BIG_DOCUMENT_EVERY
             continue
-        with open(folder / f"records-{jsonl:04d}.jsonl", "wb") as handle:
+        with open(folder / f"{files:04d}-records.jsonl", "wb") as handle:
             file_written = 0
             while file_written < JSONL_FILE_BYTES and written + file_written < min(target, next_big):
                 size = int(np.exp(maker.rng.uniform(np.log(200), np.log(300_000))))
@@ -112,8 +120,17 @@ def write_corpus(folder: Path, size_mb: int, seed: int = 0) -> int:
                 handle.write(line)
                 file_written += len(line)
         written += file_written
-        jsonl += 1
     return written
+
+
+def write_corpus_in_child(folder: Path, size_mb: int) -> int:
+    """`write_corpus` in a fresh process, so this one stays small (see the module docstring)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(write_corpus, (folder, size_mb))
+
+
+def own_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def prepare_child(folder: Path, work: Path, vocab_size: int) -> dict[str, float]:
@@ -153,7 +170,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qwen3-data-bench-") as work:
         for size_mb in sizes:
             folder = Path(work) / f"corpus-{size_mb}mb"
-            written = write_corpus(folder, size_mb)
+            written = write_corpus_in_child(folder, size_mb)
             result = prepare_child(folder, Path(work), args.vocab_size)
             peaks.append(result["peak_rss_mb"])
             print(f"{size_mb:>6}MB {written / 2**20:>10.0f} {result['tokens']:>12,} {result['tokenizer_s']:>12.1f} "
@@ -161,6 +178,9 @@ def main() -> None:
                   f"{result['peak_rss_mb']:>12.0f}", flush=True)
             shutil.rmtree(folder)  # free the disk before the next, larger corpus
             shutil.rmtree(Path(work) / ".cache")
+    print(f"peak RSS of the bench process itself: {own_peak_rss_mb():.0f} MB")
+    if own_peak_rss_mb() >= min(peaks):
+        sys.exit("the bench process grew as large as a child: the figures above may be its own memory")
     if len(sizes) > 1:
         slope = np.polyfit(np.array(sizes) / 1024, peaks, 1)[0]
         print(f"peak RSS slope: {slope:+.1f} MB per GB of text (from {sizes[0]} MB to {sizes[-1]} MB)")
