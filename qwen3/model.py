@@ -76,10 +76,9 @@ class RotaryEmbedding(nn.Module):
         self.sin = angles.sin()
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) -> cos, sin (B, 1, T, D) in `dtype`, ready to broadcast over heads."""
-        if int(position_ids.max()) >= self.max_positions:
-            raise ValueError(f"position {int(position_ids.max())} is beyond max_position_embeddings "
-                             f"({self.max_positions})")
+        """position_ids (B, T), each below max_position_embeddings -> cos, sin (B, 1, T, D) in
+        `dtype`, ready to broadcast over heads. A gather: the ids are never read on the host (a sync
+        on GPUs, a graph break under torch.compile), so an id past the tables fails as an index."""
         return self.cos[position_ids].unsqueeze(1).to(dtype), self.sin[position_ids].unsqueeze(1).to(dtype)
 
     def span(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
