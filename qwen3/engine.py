@@ -2,15 +2,16 @@
 the server.
 
 The seed recomputed the whole sequence for every new token. Here a prompt is run once through the
-model to fill a preallocated `KVCache` (prefill); each new token is then a single-position forward
-pass against that cache (decode), asking the model only for the last position's logits. Sampling,
-with the request's settings and stop strings, is sampling.py's; left padding and the merging of
-cache rows are the cache's (model.py).
+model into its slot of a preallocated `KVCache` (prefill, unpadded); each new token is then a
+single-position forward pass against that cache (decode), asking the model only for the last
+position's logits. Sampling, with the request's settings and stop strings, is sampling.py's; the
+slots, and the masks and positions of rows at different lengths, are the cache's (kv_cache.py).
   encode_prompt       a prompt (text or ids) -> checked, never empty token ids
   IncrementalDecoder  token ids -> text pieces that never end inside a multi-byte character
   SequenceState       one sequence being generated: ids, RNG, text, stop conditions
   next_token_logits   one forward pass against the cache -> last logits and their argmax
-  compile_decode_step that step under torch.compile (on a CPU with Inductor's inference settings)
+  compile_decode_step that step under torch.compile (CUDA graphs on a GPU, Inductor's inference
+                      settings on a CPU)
   Engine              `prefill` and `decode` steps over a batch of sequences (the server's scheduler
                       drives them itself), and the loop over them for one prompt (`generate`,
                       `stream`) or several (`generate_batch`); `compile=True` compiles the decode step
@@ -20,6 +21,7 @@ cache rows are the cache's (model.py).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from qwen3.errors import UserError
-from qwen3.model import KVCache
+from qwen3.kv_cache import KVCache
 from qwen3.runtime import resolve_device
 from qwen3.sampling import BatchSampler, SamplingParams, StopChecker
 
@@ -151,39 +153,71 @@ class SequenceState:
                           prompt_tokens=self.prompt_tokens, completion_tokens=len(self.token_ids))
 
 
-def next_token_logits(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
-                      attention_mask: torch.Tensor | None,
+def next_token_logits(model: torch.nn.Module, input_ids: torch.Tensor,
                       kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
     """Run new tokens (B, T) against the cache -> the last position's logits (B, V) and their
     argmax (B,), the greedy choice. Taken here, the argmax joins the compiled decode graph, where
     Inductor's vectorized reduction replaces eager argmax (~11 us per 8,192 logits on one core)."""
-    logits = model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                   kv_cache=kv_cache, logits_to_keep=1)[:, -1]
+    logits = model(input_ids, kv_cache=kv_cache, logits_to_keep=1)[:, -1]
     return logits, logits.argmax(dim=-1)
 
 
 DecodeStep = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def compile_decode_step(step: DecodeStep, device: torch.device) -> DecodeStep:
+def compile_decode_step(step: DecodeStep, device: torch.device, cuda_graphs: bool | None = None) -> DecodeStep:
     """`step` (`next_token_logits` of a model) under torch.compile, for one-token decode steps run
-    under inference mode.
+    under inference mode; `cuda_graphs` (default: on CUDA) picks the CUDA-graph settings below.
+
+    The graph takes the cache as a view made by `KVCache.for_compiled_step`: the host half of the
+    cache's bookkeeping (its Python list of lengths, which picks the shapes) runs here around the
+    graph, so the graph reads no host state that changes from step to step. On CUDA, the mode is
+    "reduce-overhead": the step is replayed as a CUDA graph (one kernel launch for the whole step
+    instead of hundreds). A CUDA graph needs inputs at fixed addresses and few distinct shapes: the
+    cache's tensors are allocated once and marked static, and attention reads a power-of-two
+    width (`static_width`), so one graph is recorded per batch size and width. Where Inductor
+    cannot make a CUDA graph of the step, it says so ("skipping cudagraphs due to ...") and runs
+    the compiled kernels without one.
 
     On a CPU a small model's step is mostly per-kernel overhead, so Inductor is asked for a C++
     wrapper that calls the kernels instead of Python, for weights frozen as constants and prepacked
-    for the GEMM library, and for one matmul where linears read the same input (q/k/v, gate/up).
+    for the GEMM library, and for one matmul where linears read the same input (q/k/v, gate/up);
+    attention reads exactly the longest row's columns (a symbolic size after the first recompile).
     Measured in bench/decode_bench.py (docs/generation.md). Frozen weights are part of the compiled
-    code: a model whose weights change afterwards needs a new step.
+    code: a model whose weights change afterwards needs a new step. Other devices get a plain
+    torch.compile.
     """
-    if device.type != "cpu":
-        return torch.compile(step)
+    cuda = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    if cuda:
+        compiled = torch.compile(step, mode="reduce-overhead")
+    elif device.type == "cpu":
+        compiled = frozen(torch.compile(step, options={"cpp_wrapper": True, "cpp.enable_concat_linear": True}))
+    else:
+        compiled = torch.compile(step)
+
+    def compiled_step(input_ids: torch.Tensor, kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        new_tokens = input_ids.shape[1]
+        view = kv_cache.for_compiled_step(static_width=cuda)
+        view.prepare(new_tokens)
+        if cuda:
+            view.mark_static()
+            torch.compiler.cudagraph_mark_step_begin()
+        logits, argmax = compiled(input_ids, view)
+        view.count(new_tokens)
+        if cuda:  # the outputs live in the CUDA graph's memory, which its next replay overwrites
+            logits, argmax = logits.clone(), argmax.clone()
+        return logits, argmax
+
+    return compiled_step
+
+
+def frozen(compiled: DecodeStep) -> DecodeStep:
+    """`compiled` run with Inductor's `freezing` on: Dynamo reads it while it traces (to take the
+    parameters as constants), which torch.compile's `options` is too late for; setting it around
+    the call costs ~5 us."""
     from torch._inductor import config as inductor_config
 
-    compiled = torch.compile(step, options={"cpp_wrapper": True, "cpp.enable_concat_linear": True})
-
     def frozen_step(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        # Dynamo reads `freezing` while it traces (to take the parameters as constants), which
-        # `options` is too late for; setting it around the call costs ~5 us.
         previous, inductor_config.freezing = inductor_config.freezing, True
         try:
             return compiled(*args)
@@ -210,10 +244,10 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.model.embed_tokens.weight.device
-        self.pad_id = tokenizer.pad_token_id or 0  # any id: padded positions are masked
         self.last_completion: Completion | None = None
         self.prefill_step: DecodeStep = functools.partial(next_token_logits, model)
         self.decode_step = compile_decode_step(self.prefill_step, self.device) if compile else self.prefill_step
+        self.cache: KVCache | None = None  # the last run's, for the next one (see `_take_cache`)
 
     @property
     def max_context(self) -> int:
@@ -236,7 +270,7 @@ class Engine:
 
     def generate_batch(self, prompts: list[str | list[int]],
                        params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
-        """Generate for several prompts at once (left-padded into one batch)."""
+        """Generate for several prompts at once (a slot each of one cache, decoded together)."""
         if not prompts:
             return []
         if not isinstance(params, list):
@@ -273,37 +307,61 @@ class Engine:
                             [s.context for s in sequences], self.model.config.vocab_size, self.device)
 
     @torch.inference_mode()
-    def prefill(self, sequences: list[SequenceState]) -> tuple[KVCache, torch.Tensor, BatchSampler]:
-        """Run the prompts through the model into a new cache (left-padded, with room for the most
-        tokens any of them may add) and sample each one's first token -> the cache, the ids (B,)
-        and the batch's sampler, for the decode steps."""
-        room = max(s.max_new_tokens for s in sequences)
-        cache = self.model.new_kv_cache(len(sequences), max(len(s.context) for s in sequences) + room)
-        input_ids = cache.left_pad([s.context for s in sequences], self.pad_id)
+    def prefill(self, sequences: list[SequenceState],
+                cache: KVCache | None = None) -> tuple[KVCache, torch.Tensor, BatchSampler]:
+        """Run each prompt through the model into its slot of `cache` (sequences[i] into slot i; by
+        default a new cache with room for the most tokens any of them may add) and sample each one's
+        first token -> the cache, the ids (B,) and the batch's sampler, for the decode steps.
+
+        Nothing is padded: consecutive prompts of the same length run together, any other alone,
+        each with SDPA's causal kernel over its own keys (no mask, so no (T, S) score matrix)."""
+        if cache is None:
+            room = max(s.max_new_tokens for s in sequences)
+            cache = self.model.new_kv_cache(len(sequences), max(len(s.context) for s in sequences) + room)
+        cache.reset()
+        logits, argmax, start = [], [], 0
+        for _, run in itertools.groupby(sequences, key=lambda s: len(s.context)):
+            prompts = [s.context for s in run]
+            step = self.prefill_step(torch.tensor(prompts, device=self.device),
+                                     cache.slots(start, start + len(prompts)))
+            logits.append(step[0])
+            argmax.append(step[1])
+            start += len(prompts)
         sampler = self.sampler(sequences)
-        return cache, self._sample(self.prefill_step, input_ids, cache, sampler), sampler
+        return cache, sampler(torch.cat(logits), torch.cat(argmax)), sampler
 
     @torch.inference_mode()
     def decode(self, cache: KVCache, tokens: torch.Tensor, sampler: BatchSampler) -> torch.Tensor:
         """One step: the last sampled ids (B,) run against the cache -> the next ids (B,)."""
-        return self._sample(self.decode_step, tokens[:, None], cache, sampler)
-
-    @staticmethod
-    def _sample(step: DecodeStep, input_ids: torch.Tensor, cache: KVCache, sampler: BatchSampler) -> torch.Tensor:
-        """Run new tokens (B, T) through the model against the cache, sample the next ones (B,)."""
-        T = input_ids.shape[1]
-        return sampler(*step(input_ids, cache.position_ids(T), cache.attention_mask(T), cache))
+        return sampler(*self.decode_step(tokens[:, None], cache))
 
     def _run(self, sequences: list[SequenceState]) -> Iterator[list[str]]:
         """Prefill all prompts, then decode until every sequence is finished; yield each step's
         new text per sequence. A finished row keeps decoding with the others (its tokens are
         ignored) until the last one finishes."""
-        cache, tokens, sampler = self.prefill(sequences)
-        for _ in range(max(s.max_new_tokens for s in sequences)):
-            yield [s.add(t) if s.finish_reason is None else "" for s, t in zip(sequences, tokens.tolist())]
-            if all(s.finish_reason is not None for s in sequences):
-                return
-            tokens = self.decode(cache, tokens, sampler)
+        cache = self._take_cache(sequences)
+        try:
+            cache, tokens, sampler = self.prefill(sequences, cache)
+            for _ in range(max(s.max_new_tokens for s in sequences)):
+                yield [s.add(t) if s.finish_reason is None else "" for s, t in zip(sequences, tokens.tolist())]
+                if all(s.finish_reason is not None for s in sequences):
+                    return
+                tokens = self.decode(cache, tokens, sampler)
+        finally:
+            self.cache = cache
+
+    def _take_cache(self, sequences: list[SequenceState]) -> KVCache:
+        """A cache with a slot per sequence and room for its prompt and every token it may add: the
+        previous run's while it is large enough (its addresses, which CUDA graphs are recorded
+        against, stay the same), else a new one sized to a power of two, so that a growing chat
+        reallocates seldom. Taken: a stream started meanwhile gets a cache of its own."""
+        needed = max(len(s.context) for s in sequences) + max(s.max_new_tokens for s in sequences)
+        cache, self.cache = self.cache, None
+        if cache is None or cache.batch_size != len(sequences) or cache.max_len < needed:
+            cache = None  # freed before the next one is allocated
+            with torch.inference_mode():  # inference tensors: the steps on them skip autograd's bookkeeping
+                cache = self.model.new_kv_cache(len(sequences), 1 << (needed - 1).bit_length())
+        return cache
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:

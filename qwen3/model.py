@@ -13,13 +13,13 @@ H query heads, K key/value heads, D head_dim, C hidden_size, V vocab_size.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qwen3.config import ModelConfig
+from qwen3.kv_cache import KVCache, build_attention_mask
 
 
 class RMSNorm(nn.Module):
@@ -103,108 +103,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each pair (x_i, x_{i+D/2}) by its angle: x * cos + rotate_half(x) * sin."""
     return x * cos + rotate_half(x) * sin
-
-
-class KVCache:
-    """Preallocated keys and values for incremental decoding.
-
-    keys[l] and values[l] are (B, K, max_len, D); `length` counts the positions already filled.
-    A forward pass writes its T new positions at [length, length + T) in every layer, then the
-    model advances `length` once.
-
-    Rows of different lengths are right-aligned (left padding): row i's first `padding[i]` positions
-    hold no token. `attention_mask` and `position_ids` are what the model needs to ignore them and
-    to number each row's own tokens from 0; both are None while no row is padded, so the model keeps
-    its fused causal path. `left_pad` lays out the prompts of a prefill; `merge` copies rows of
-    caches into a new one (rows joining or leaving a running batch) without accumulating padding.
-    """
-
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.config = config
-        self.max_len = max_len
-        self.length = 0
-        self.set_padding([0] * batch_size)
-
-    @property
-    def device(self) -> torch.device:
-        return self.keys[0].device
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, K, T, D) after the cached positions; return all keys/values (B, K, S, D)."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def advance(self, steps: int) -> None:
-        self.length += steps
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def set_padding(self, padding: list[int]) -> None:
-        """Mark the first padding[i] positions of row i as holding no token."""
-        self.padding = list(padding)
-        self.starts = self.visible = None
-        if any(padding):
-            self.starts = torch.tensor(padding, device=self.device)[:, None]  # (B, 1)
-            # (B, max_len): a row's tokens and every position after them (the tokens to come).
-            self.visible = torch.arange(self.max_len, device=self.device)[None, :] >= self.starts
-
-    def left_pad(self, sequences: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-        """The token ids of an empty cache's prefill, right-aligned: (B, longest) with `pad_id`
-        before the shorter sequences (any id: padded positions are masked); records the padding."""
-        if self.length:
-            raise ValueError("left_pad lays out a prefill: the cache must be empty")
-        width = max(len(ids) for ids in sequences)
-        self.set_padding([width - len(ids) for ids in sequences])
-        return torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in sequences],
-                            device=self.device)
-
-    def attention_mask(self, new_tokens: int) -> torch.Tensor | None:
-        """(B, length + new_tokens), True on real tokens; None when no row is padded."""
-        return None if self.visible is None else self.visible[:, :self.length + new_tokens]
-
-    def position_ids(self, new_tokens: int) -> torch.Tensor | None:
-        """(B, new_tokens) positions of the next tokens, counted from each row's first real token
-        (padding gets 0); None when no row is padded. A row that runs past the context (a finished
-        one decoding on with its batch) keeps the last position of the rotary table."""
-        if self.starts is None:
-            return None
-        index = torch.arange(self.length, self.length + new_tokens, device=self.device)[None, :]
-        return (index - self.starts).clamp(0, self.config.max_position_embeddings - 1)
-
-    @classmethod
-    def merge(cls, parts: Sequence[tuple[KVCache, Sequence[int]]], room: int) -> KVCache:
-        """A new cache of the given rows of each cache, in order: rows joining a batch, or leaving it
-        (one part with the rows that stay).
-
-        Each row's tokens are copied to the right end of the new cache, whose length is the longest
-        row's: columns that every kept row has as padding go. `room` positions follow, for the
-        tokens still to come.
-        """
-        first = parts[0][0]
-        tokens = [cache.length - cache.padding[row] for cache, rows in parts for row in rows]
-        length = max(tokens)
-        merged = cls(first.config, len(tokens), length + room, first.device, first.keys[0].dtype)
-        merged.length = length
-        start = 0
-        for cache, rows in parts:
-            index = torch.tensor(list(rows), device=first.device)
-            end, old = start + len(rows), cache.length
-            take = min(old, length)  # the columns before these are padding in every kept row
-            for layer in range(len(merged.keys)):
-                merged.keys[layer][start:end, :, length - take:length] = cache.keys[layer][index, :, old - take:old]
-                merged.values[layer][start:end, :, length - take:length] = cache.values[layer][index, :, old - take:old]
-            start = end
-        merged.set_padding([length - n for n in tokens])
-        return merged
 
 
 class Attention(nn.Module):
@@ -307,40 +205,26 @@ class Qwen3Model(nn.Module):
                 attention_mask: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T = input_ids.shape
-        past = kv_cache.length if kv_cache is not None else 0
         x = self.embed_tokens(input_ids)
+        if kv_cache is None:
+            past, mask = 0, build_attention_mask(attention_mask, T, 0, input_ids.device)
+        else:
+            if position_ids is not None or attention_mask is not None:
+                raise ValueError("with a kv_cache, the cache numbers the tokens and masks attention "
+                                 "from its lengths: pass no position_ids or attention_mask")
+            if not kv_cache.planned:
+                kv_cache.prepare(T)
+            past = kv_cache.past
+            position_ids, mask = kv_cache.positions_and_mask(T)
         if position_ids is None:  # positions past .. past + T - 1 in every row
             cos, sin = self.rotary_emb.span(past, T, x.dtype)
         else:
             cos, sin = self.rotary_emb(position_ids, x.dtype)
-        mask = build_attention_mask(attention_mask, T, past, input_ids.device)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x)
-
-
-def build_attention_mask(attention_mask: torch.Tensor | None, T: int, past: int,
-                         device: torch.device) -> torch.Tensor | None:
-    """Boolean mask (B or 1, 1, T, S) of which keys each new query may see, or None for plain causal.
-
-    attention_mask (B, S) marks real tokens with 1 and padding with 0 over all S = past + T
-    positions. None is returned when the fused causal path suffices (no padding, no cache offset).
-    """
-    if attention_mask is None and (past == 0 or T == 1):
-        return None
-    S = past + T
-    # query at cache index past + i sees keys 0 .. past + i
-    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)[None, None]
-    if attention_mask is None:
-        return causal
-    if attention_mask.shape[-1] != S:
-        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {S}")
-    mask = causal & attention_mask.bool()[:, None, None, :]
-    # A fully padded query row would softmax over nothing (NaN); let it see itself instead.
-    diagonal = torch.arange(S, device=device)[None, :] == torch.arange(past, S, device=device)[:, None]
-    return mask | diagonal[None, None]
 
 
 class Qwen3ForCausalLM(nn.Module):

@@ -1,0 +1,139 @@
+"""The slot KV cache: slots are isolated, rows joining and leaving decode as recomputing would, and
+the compiled step with CUDA graphs' settings matches eager."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from qwen3.config import ModelConfig
+from qwen3.engine import compile_decode_step, next_token_logits
+from qwen3.model import KVCache, Qwen3ForCausalLM
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small_model(context: int, vocab_size: int = 320) -> Qwen3ForCausalLM:
+    """A random model whose large initializer spreads the logits, so greedy choices are far from ties."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=context, initializer_range=0.25)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def slot_state(cache: KVCache, slot: int) -> list[torch.Tensor]:
+    return [t[slot].clone() for t in cache.keys + cache.values] + [cache.lengths[slot].clone()]
+
+
+@torch.inference_mode()
+def test_prefill_into_a_slot_leaves_the_other_slots_alone() -> None:
+    model = small_model(context=64)
+    cache = model.new_kv_cache(3, 64)
+    model(torch.randint(0, 320, (1, 7)), kv_cache=cache.slots(0, 1))
+    model(torch.randint(0, 320, (1, 12)), kv_cache=cache.slots(2, 3))
+    before = [slot_state(cache, slot) for slot in (0, 2)]
+    model(torch.randint(0, 320, (1, 20)), kv_cache=cache.slots(1, 2))  # a prefill into slot 1
+    assert cache.filled == [7, 20, 12] and cache.lengths.tolist() == [7, 20, 12]
+    assert all(torch.equal(a, b) for a, b in zip(before[0], slot_state(cache, 0)))
+    assert all(torch.equal(a, b) for a, b in zip(before[1], slot_state(cache, 2)))
+    untouched = slot_state(cache, 2)
+    model(torch.randint(0, 320, (2, 1)), kv_cache=cache.slots(0, 2))  # a decode step of slots 0 and 1
+    assert cache.filled == [8, 21, 12]
+    assert all(torch.equal(a, b) for a, b in zip(untouched, slot_state(cache, 2)))
+
+
+def test_static_width_is_a_power_of_two_within_the_cache() -> None:
+    cache = small_model(context=600).new_kv_cache(2, 600)
+    view = cache.for_compiled_step(static_width=True)
+    widths = []
+    for filled in ([0, 0], [3, 9], [255, 10], [256, 256], [511, 2], [598, 1]):
+        cache.filled[:] = filled
+        view.prepare(1)
+        assert view.past is None  # always the masked path: one graph whatever the lengths
+        widths.append(view.width)
+    assert widths == [256, 256, 256, 512, 512, 600]
+    cache.filled[:] = [600, 0]
+    with pytest.raises(ValueError, match="KV cache is full"):
+        view.prepare(1)
+
+
+@pytest.mark.parametrize("static_width", [False, True], ids=["longest-row width", "static width"])
+@torch.inference_mode()
+def test_rows_joining_and_leaving_decode_as_recomputing(static_width: bool) -> None:
+    """Sequences join free slots and leave (the last ones moving into the freed slots, as the
+    server's scheduler does) while the others decode: at every step each row's logits are close to
+    those of the whole sequence run without a cache, and the greedy tokens are the same."""
+    model = small_model(context=96)
+    cache = model.new_kv_cache(4, 96)
+    prompts = {"a": 5, "b": 9, "c": 2, "d": 13, "e": 1}
+    joins = {0: ["a", "b"], 3: ["c"], 6: ["d", "e"]}
+    leaves = {5: ["b"], 9: ["a", "d"]}
+    rows: list[str] = []  # rows[i]: the sequence in slot i
+    sequences: dict[str, list[int]] = {}
+    generator = torch.Generator().manual_seed(0)
+
+    def check(name: str, logits: torch.Tensor) -> int:
+        expected = model(torch.tensor([sequences[name]]))[0, -1]
+        torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+        assert int(logits.argmax()) == int(expected.argmax())
+        return int(logits.argmax())
+
+    for step in range(14):
+        for name in leaves.get(step, []):  # the last rows take the freed slots
+            hole = rows.index(name)
+            rows[hole] = rows[-1]
+            cache.copy_slot(hole, cache, len(rows) - 1)
+            rows.pop()
+        if step > 0:  # one decode step over the running slots
+            view = cache.slots(0, len(rows))
+            tokens = torch.tensor([[sequences[name][-1]] for name in rows])
+            if static_width:
+                view = view.for_compiled_step(static_width=True)
+                view.prepare(1)
+            logits = model(tokens, kv_cache=view, logits_to_keep=1)[:, -1]
+            if static_width:
+                view.count(1)
+            for name, row in zip(rows, logits):
+                sequences[name].append(check(name, row))
+        for name in joins.get(step, []):  # a prefill into the next free slot
+            sequences[name] = torch.randint(0, 320, (prompts[name],), generator=generator).tolist()
+            slot = cache.slots(len(rows), len(rows) + 1)
+            slot.reset()
+            rows.append(name)
+            logits = model(torch.tensor([sequences[name]]), kv_cache=slot, logits_to_keep=1)[0, -1]
+            sequences[name].append(check(name, logits))
+        assert [cache.filled[i] for i in range(len(rows))] == [len(sequences[n]) - 1 for n in rows]
+    assert rows == ["e", "c"]
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_compiled_step_with_cuda_graph_settings_matches_eager() -> None:
+    """The CUDA path's compiled step (mode reduce-overhead, static cache addresses, power-of-two
+    widths), run on a CPU, where Inductor skips the CUDA graph itself: rows of different lengths
+    decode the eager tokens through a width boundary, and the graphs compiled stay few."""
+    from torch._dynamo.utils import counters
+
+    model = small_model(context=320)
+    step = functools.partial(next_token_logits, model)
+    compiled = compile_decode_step(step, torch.device("cpu"), cuda_graphs=True)
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 320, (n,), generator=generator).tolist() for n in (250, 3, 40)]
+    results = []
+    for decode in (step, compiled):
+        cache = model.new_kv_cache(3, 320)
+        tokens = []
+        for slot, prompt in enumerate(prompts):
+            tokens.append(step(torch.tensor([prompt]), cache.slots(slot, slot + 1))[1])
+        tokens = [torch.cat(tokens)]
+        for _ in range(12):  # the longest row passes 256 columns
+            tokens.append(decode(tokens[-1][:, None], cache)[1])
+        assert cache.length == 262
+        results.append(torch.stack(tokens))
+        if decode is step:
+            graphs = counters["stats"]["unique_graphs"]
+    assert torch.equal(results[0], results[1])
+    assert counters["stats"]["unique_graphs"] - graphs <= 3
