@@ -118,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from qwen3.server.app import serve
 
     serve(args.dir, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          device=args.device)
+          device=args.device, max_seq_len=args.max_seq_len, compile=args.compile)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -203,7 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=5000)
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
     serve.add_argument("--max-batch", type=int, default=16, metavar="N",
-                       help="most sequences decoded together")
+                       help="most sequences decoded together (each has a KV-cache slot of --max-seq-len)")
+    serve.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                       help="positions (prompt + reply) per sequence; default: the model's context")
+    serve.add_argument("--compile", action="store_true",
+                       help="torch.compile the decode step (CUDA graphs on a GPU)")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda")
     serve.set_defaults(handler=cmd_serve)
 

@@ -127,6 +127,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`: CUDA's free memory, or on a Linux CPU the
+    kernel's MemAvailable (free plus reclaimable page cache); None where it is not known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # in kB
+    except OSError:
+        pass
+    return None
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

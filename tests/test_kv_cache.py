@@ -1,18 +1,29 @@
-"""The slot KV cache: slots are isolated, rows joining and leaving decode as recomputing would, and
-the compiled step with CUDA graphs' settings matches eager."""
+"""The slot KV cache: slots are isolated, rows joining and leaving decode as recomputing would, the
+server's cache is allocated once, and the compiled step with CUDA graphs' settings matches eager."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from qwen3.config import ModelConfig
-from qwen3.engine import compile_decode_step, next_token_logits
+from qwen3.engine import Engine, compile_decode_step, next_token_logits
+from qwen3.errors import UserError
 from qwen3.model import KVCache, Qwen3ForCausalLM
+from qwen3.runtime import available_memory
+from qwen3.sampling import SamplingParams
+from qwen3.server.scheduler import Job, Scheduler
+from qwen3.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+CORPUS = ["The quick brown fox jumps over the lazy dog, and the dog sleeps on in the sun. " * 3,
+          "Seven bakers baked bread at dawn; the smell of it filled every street of the town. " * 3]
 
 
 def small_model(context: int, vocab_size: int = 320) -> Qwen3ForCausalLM:
@@ -107,6 +118,105 @@ def test_rows_joining_and_leaving_decode_as_recomputing(static_width: bool) -> N
             sequences[name].append(check(name, logits))
         assert [cache.filled[i] for i in range(len(rows))] == [len(sequences[n]) - 1 for n in rows]
     assert rows == ["e", "c"]
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor storage that an operation allocates (views and in-place results,
+    which share an input's storage, do not count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, tensor.untyped_storage().nbytes())
+        return out
+
+
+def make_jobs(scheduler: Scheduler, lengths: list[tuple[int, int]], loop: asyncio.AbstractEventLoop) -> list[Job]:
+    """Greedy jobs of (prompt tokens, max tokens) with random prompts, that never stop early."""
+    generator = torch.Generator().manual_seed(1)
+    vocab_size = scheduler.engine.model.config.vocab_size
+    events: asyncio.Queue = asyncio.Queue()
+    jobs = []
+    for index, (prompt_tokens, max_tokens) in enumerate(lengths):
+        prompt = torch.randint(10, vocab_size, (prompt_tokens,), generator=generator).tolist()
+        params = SamplingParams(temperature=0, max_new_tokens=max_tokens, stop_token_ids=[])
+        jobs.append(Job(prompt, params, scheduler.engine.tokenizer, scheduler.device, index, events, loop))
+    return jobs
+
+
+def run_jobs(scheduler: Scheduler, jobs: list[Job]) -> tuple[int, int]:
+    """Drive the scheduler's rounds (as its thread does) with one or two arrivals every third round
+    while slots are free, until every job is done -> (rounds, the most jobs that ran together)."""
+    waiting, rounds, peak = list(jobs), 0, 0
+    with torch.inference_mode():
+        while waiting or scheduler.batch is not None:
+            free = scheduler.max_batch - scheduler.running
+            take = min(free, 1 + rounds % 2, len(waiting)) if rounds % 3 == 0 else 0
+            scheduler.run_round([waiting.pop(0) for _ in range(take)])
+            peak = max(peak, scheduler.running)
+            rounds += 1
+    return rounds, peak
+
+
+def assert_as_alone(scheduler: Scheduler, jobs: list[Job]) -> None:
+    engine = Engine(scheduler.engine.model, scheduler.engine.tokenizer)
+    for job in jobs:
+        alone = engine.generate(job.state.context[:job.state.prompt_tokens], job.state.params)
+        assert job.state.token_ids == alone.token_ids
+
+
+def test_scheduler_cache_stays_put_while_jobs_join_and_leave() -> None:
+    """Jobs of many lengths join and leave a running batch: the scheduler keeps its one cache (same
+    memory, the size it states), nothing it allocates meanwhile is as large as one slot of it, and
+    each job generates what it generates alone."""
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    context, max_batch = 512, 4
+    model = small_model(context, tokenizer.vocab_size)
+    scheduler = Scheduler(model, tokenizer, max_batch=max_batch)
+    cache = scheduler.cache
+    assert scheduler.context == context
+    assert cache.nbytes == KVCache.bytes_needed(model.config, max_batch, context, torch.float32)
+    assert scheduler.describe_cache() == "KV cache: 4 slots x 512 tokens = 1.0 MiB (float32, cpu)"
+    addresses = [t.data_ptr() for t in cache.keys + cache.values]
+    one_slot = KVCache.bytes_needed(model.config, 1, context, torch.float32)
+
+    loop = asyncio.new_event_loop()  # never run: the events wait in it, unread
+    lengths = [(1 + 7 * i % 40, 1 + 5 * i % 17) for i in range(22)] + [(30, context - 31)]
+    jobs = make_jobs(scheduler, lengths, loop)
+    with LargestAllocation() as allocations:
+        rounds, peak = run_jobs(scheduler, jobs)
+    loop.close()
+    assert peak == max_batch and rounds > context - 31
+    assert scheduler.cache is cache and [t.data_ptr() for t in cache.keys + cache.values] == addresses
+    assert allocations.largest < one_slot, (allocations.largest, one_slot)
+    assert_as_alone(scheduler, jobs)
+
+
+@pytest.mark.slow
+def test_compiled_scheduler_matches_alone() -> None:
+    """`qwen3 serve --compile` on a CPU: batches of changing sizes and lengths through the compiled
+    step generate what each job generates alone, eagerly."""
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    scheduler = Scheduler(small_model(128, tokenizer.vocab_size), tokenizer, max_batch=3, compile=True)
+    loop = asyncio.new_event_loop()
+    jobs = make_jobs(scheduler, [(5, 9), (12, 4), (5, 12), (3, 6), (20, 10)], loop)
+    assert run_jobs(scheduler, jobs)[1] == 3
+    loop.close()
+    assert_as_alone(scheduler, jobs)
+
+
+def test_a_cache_too_large_for_the_memory_is_a_user_error() -> None:
+    if available_memory(torch.device("cpu")) is None:
+        pytest.skip("the free memory of this machine is not known")
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    with pytest.raises(UserError, match="--max-batch or --max-seq-len"):
+        Scheduler(small_model(512, tokenizer.vocab_size), tokenizer, max_batch=10**8)
 
 
 @pytest.mark.slow

@@ -67,13 +67,16 @@ class SecurityHeaders:
 
 
 def create_app(model: Qwen3ForCausalLM, tokenizer, model_name: str, api_key: str | None = None,
-               max_batch: int = 16, max_queue: int | None = None) -> FastAPI:
+               max_batch: int = 16, max_queue: int | None = None, max_seq_len: int | None = None,
+               compile: bool = False) -> FastAPI:
     """The FastAPI app serving `model` as `model_name`; its scheduler runs while the app is up.
 
     Up to `max_batch` sequences decode together and `max_queue` (default 4 x max_batch) more wait;
-    beyond that requests are answered 429.
+    beyond that requests are answered 429. Each sequence has `max_seq_len` positions (default: the
+    model's context), all allocated at once (`Scheduler`). `compile` compiles the decode step.
     """
-    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue or 4 * max_batch)
+    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue or 4 * max_batch,
+                          max_seq_len=max_seq_len, compile=compile)
     app = FastAPI(title="qwen3", version="1", description=openapi.DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.scheduler = scheduler
@@ -183,12 +186,15 @@ async def read_body(request: Request) -> bytes:
 
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 5000, api_key: str | None = None,
-          max_batch: int = 16, device: str = "auto") -> None:
+          max_batch: int = 16, device: str = "auto", max_seq_len: int | None = None,
+          compile: bool = False) -> None:
     """Serve the checkpoint at `path` (or a run folder's best/) until interrupted."""
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {port}")
     if max_batch < 1:
         raise UserError(f"--max-batch must be at least 1, got {max_batch}")
+    if max_seq_len is not None and max_seq_len < 2:
+        raise UserError(f"--max-seq-len must be at least 2 (a prompt token and a reply), got {max_seq_len}")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key must not be empty")
     folder = find_checkpoint(path)
@@ -198,8 +204,10 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 5000, api_key: 
     model_name = absolute.parent.name if folder.name in ("best", "last") else absolute.name
     listener = bind(host, port)  # before loading the model, so a taken port fails at once
     engine = load_engine(folder, device=device)
-    app = create_app(engine.model, engine.tokenizer, model_name, api_key=api_key, max_batch=max_batch)
+    app = create_app(engine.model, engine.tokenizer, model_name, api_key=api_key, max_batch=max_batch,
+                     max_seq_len=max_seq_len, compile=compile)
     address = f"[{host}]" if ":" in host else host
+    print(app.state.scheduler.describe_cache(), file=sys.stderr)
     print(f"serving {model_name} on http://{address}:{listener.getsockname()[1]} "
           f"(chat page at /, OpenAI API at /v1)", file=sys.stderr)
     if not is_loopback(host) and api_key is None:

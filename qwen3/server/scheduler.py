@@ -6,13 +6,14 @@ batch multiplies aggregate throughput. Requests arrive and finish at different t
 continuous: a new request joins at the next step and a finished one leaves at once, without waiting
 for the others.
 
-How the batch is laid out. All running requests ("jobs") share one `KVCache`, its rows right-aligned
-(left-padded); the cache masks the padding and numbers each row's own tokens. Every decode step
-appends one token to every row, so the rows stay right-aligned. New jobs are prefilled together into
-a cache of their own, then both caches are merged into a new one whose length is the longest row
-(`KVCache.merge`); when jobs leave, the survivors are merged the same way, so padding never
-accumulates. A membership change thus costs one copy of the cache, about what one decode step reads
-anyway.
+How the batch is laid out. One `KVCache` of `max_batch` slots, each of `context` positions, is
+allocated when the scheduler is made and never again: its size is known at start-up and does not
+change with the traffic. Running requests ("jobs") hold slots 0 .. n-1, jobs[i] slot i, each
+sequence from the slot's first column, so rows of different lengths need no padding (the cache
+masks each row's keys by its own length). A new job's prompt is prefilled into the next free slot,
+unpadded, without touching the others' slots; when jobs leave, the last running jobs move into the
+slots they freed (one slot's copy each), so the running jobs stay in slots 0 .. n-1 and a decode
+step runs over one contiguous view of the cache.
 
 Prefill, decode steps, sampling and per-token handling (stop tokens, stop strings, text decoding,
 finish reasons) are the `Engine`'s, so a request served alone produces exactly what
@@ -30,7 +31,10 @@ from dataclasses import dataclass
 import torch
 
 from qwen3.engine import Engine, SequenceState
-from qwen3.model import KVCache, Qwen3ForCausalLM
+from qwen3.errors import UserError
+from qwen3.kv_cache import KVCache
+from qwen3.model import Qwen3ForCausalLM
+from qwen3.runtime import available_memory
 from qwen3.sampling import BatchSampler, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -89,10 +93,9 @@ def deliver(messages: list[tuple[Job, Event]]) -> None:
 
 @dataclass
 class Batch:
-    """Running jobs and their shared cache, row i of the cache being jobs[i]'s."""
+    """Running jobs, jobs[i] in slot i of the scheduler's cache."""
 
     jobs: list[Job]
-    cache: KVCache
     tokens: torch.Tensor  # (B,) each row's last sampled id, not cached yet; kept on the device
     sampler: BatchSampler  # the rows' sampling settings and seen ids, on the device
 
@@ -101,14 +104,20 @@ class Scheduler:
     """Owns the model in one thread; `submit` jobs from any thread, read their events in asyncio.
 
     At most `max_batch` jobs decode together; up to `max_queue` more wait, and `submit` raises
-    QueueFull beyond that rather than letting a backlog grow without bound.
+    QueueFull beyond that rather than letting a backlog grow without bound. Each job has
+    `context` positions for its prompt and reply: the model's context, or `max_seq_len` when that
+    is smaller (the cache takes max_batch x context positions; a UserError says so when they do
+    not fit the device's free memory). `compile` compiles the decode step (`Engine`).
     """
 
-    def __init__(self, model: Qwen3ForCausalLM, tokenizer, max_batch: int = 16, max_queue: int = 64) -> None:
+    def __init__(self, model: Qwen3ForCausalLM, tokenizer, max_batch: int = 16, max_queue: int = 64,
+                 max_seq_len: int | None = None, compile: bool = False) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be at least 1, got {max_batch}, {max_queue}")
-        self.engine = Engine(model, tokenizer)
+        self.engine = Engine(model, tokenizer, compile=compile)
         self.device = self.engine.device
+        self.context = min(max_seq_len or self.engine.max_context, self.engine.max_context)
+        self.cache = self._allocate_cache(model, max_batch)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.condition = threading.Condition()
@@ -119,9 +128,23 @@ class Scheduler:
         self.cancelled_jobs = 0  # jobs dropped unfinished because their client left, for /health
         self.thread: threading.Thread | None = None
 
-    @property
-    def context(self) -> int:
-        return self.engine.max_context
+    def _allocate_cache(self, model: Qwen3ForCausalLM, slots: int) -> KVCache:
+        dtype = model.model.embed_tokens.weight.dtype
+        needed = KVCache.bytes_needed(model.config, slots, self.context, dtype)
+        free = available_memory(self.device)
+        if free is not None and needed > free:
+            raise UserError(f"the KV cache of {slots} slots x {self.context} tokens needs "
+                            f"{needed / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on "
+                            f"{self.device}: lower --max-batch or --max-seq-len")
+        with torch.inference_mode():  # inference tensors (the scheduler thread runs in inference mode)
+            return model.new_kv_cache(slots, self.context)
+
+    def describe_cache(self) -> str:
+        """The start-up line about the cache: slots, positions, memory."""
+        size = self.cache.nbytes
+        size = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+        dtype = str(self.cache.keys[0].dtype).removeprefix("torch.")
+        return f"KV cache: {self.cache.batch_size} slots x {self.context} tokens = {size} ({dtype}, {self.device})"
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, name="qwen3-scheduler", daemon=True)
@@ -168,19 +191,24 @@ class Scheduler:
     def _loop(self) -> None:
         with torch.inference_mode():
             while (arrivals := self._next_arrivals()) is not None:
-                if arrivals:
-                    try:
-                        self._admit(arrivals)
-                    except Exception as error:  # a failing request must not take the server down
-                        logger.exception("prefill failed")
-                        self._fail(arrivals, f"generation failed: {error}")
-                if self.batch is not None:
-                    try:
-                        self._step()
-                    except Exception as error:
-                        logger.exception("decode step failed")
-                        self._fail(self.batch.jobs, f"generation failed: {error}")
-                        self._set_batch(None)
+                self.run_round(arrivals)
+
+    def run_round(self, arrivals: list[Job]) -> None:
+        """One round of the scheduler thread: admit the arrivals, then one decode step for the batch.
+        A failure fails the jobs it concerns; the scheduler carries on."""
+        if arrivals:
+            try:
+                self._admit(arrivals)
+            except Exception as error:  # a failing request must not take the server down
+                logger.exception("prefill failed")
+                self._fail(arrivals, f"generation failed: {error}")
+        if self.batch is not None:
+            try:
+                self._step()
+            except Exception as error:
+                logger.exception("decode step failed")
+                self._fail(self.batch.jobs, f"generation failed: {error}")
+                self._set_batch(None)
 
     def _next_arrivals(self) -> list[Job] | None:
         """Waiting jobs that fit in the batch (blocking while there is nothing to do); None: stop."""
@@ -193,18 +221,25 @@ class Scheduler:
             return [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
 
     def _admit(self, jobs: list[Job]) -> None:
-        """Prefill the newcomers together, send their first tokens, join the batch."""
-        # The prefill's cache has room for the whole generation: with no batch running, it is the batch.
-        arrivals = Batch(jobs, *self.engine.prefill([job.state for job in jobs]))
+        """Prefill the newcomers into the free slots after the running jobs', send their first
+        tokens, join the batch."""
+        running = self.running
+        _, tokens, sampler = self.engine.prefill([job.state for job in jobs],
+                                                 self.cache.slots(running, running + len(jobs)))
+        arrivals = Batch(jobs, tokens, sampler)
         self._add(arrivals)
-        self._set_batch(self._merge([self.batch, arrivals]))
+        if self.batch is not None:
+            jobs = self.batch.jobs + jobs
+            arrivals = Batch(jobs, torch.cat([self.batch.tokens, tokens]),
+                             self.engine.sampler([job.state for job in jobs]))
+        self._set_batch(self._compact(arrivals))
 
     def _step(self) -> None:
         """One token for every running job; finished and cancelled jobs leave the batch."""
         batch = self.batch
-        batch.tokens = self.engine.decode(batch.cache, batch.tokens, batch.sampler)
+        batch.tokens = self.engine.decode(self.cache.slots(0, len(batch.jobs)), batch.tokens, batch.sampler)
         self._add(batch)
-        self._set_batch(self._merge([batch]))
+        self._set_batch(self._compact(batch))
 
     def _add(self, batch: Batch) -> None:
         """Give each row its sampled token and send the text it completes to the row's client."""
@@ -219,29 +254,27 @@ class Scheduler:
                 messages.append((job, Event(job.index, piece)))
         send(messages)
 
-    def _merge(self, batches: list[Batch | None]) -> Batch | None:
-        """One batch of the unfinished, uncancelled jobs of `batches`, its cache as short as can be."""
-        parts = []
-        for batch in batches:
-            if batch is not None:
-                rows = [i for i, job in enumerate(batch.jobs) if job.state.finish_reason is None]
-                kept = [i for i in rows if not batch.jobs[i].cancelled]
-                if len(kept) < len(rows):
-                    with self.condition:  # `cancel` counts too, from another thread
-                        self.cancelled_jobs += len(rows) - len(kept)
-                if kept:
-                    parts.append((batch, kept))
-        if len(parts) == 1 and len(parts[0][1]) == len(parts[0][0].jobs):
-            return parts[0][0]  # nobody joined or left
-        jobs = [batch.jobs[i] for batch, rows in parts for i in rows]
-        if not jobs:
+    def _compact(self, batch: Batch) -> Batch | None:
+        """The batch without its finished and cancelled jobs. The last running jobs move into the
+        slots that the others freed, so the running jobs keep slots 0 .. n-1; nothing is allocated
+        but the small per-row tensors (last tokens, sampler)."""
+        running = [i for i, job in enumerate(batch.jobs) if job.state.finish_reason is None]
+        kept = [i for i in running if not batch.jobs[i].cancelled]
+        if len(kept) < len(running):
+            with self.condition:  # `cancel` counts too, from another thread
+                self.cancelled_jobs += len(running) - len(kept)
+        if len(kept) == len(batch.jobs):
+            return batch  # nobody left
+        if not kept:
             return None
-        # The last sampled token of each job is not cached yet: a job may still add
-        # max_new_tokens - len(token_ids) positions.
-        room = max(job.state.max_new_tokens - len(job.state.token_ids) for job in jobs)
-        return Batch(jobs, KVCache.merge([(batch.cache, rows) for batch, rows in parts], room),
-                     torch.cat([batch.tokens[rows] for batch, rows in parts]),
-                     self.engine.sampler([job.state for job in jobs]))
+        # Slot i < len(kept) keeps its job, or takes the next of the kept jobs beyond len(kept).
+        staying, movers = set(kept), iter(i for i in kept if i >= len(kept))
+        order = [i if i in staying else next(movers) for i in range(len(kept))]
+        for slot, source in enumerate(order):
+            if slot != source:
+                self.cache.copy_slot(slot, self.cache, source)
+        jobs = [batch.jobs[i] for i in order]
+        return Batch(jobs, batch.tokens[order], self.engine.sampler([job.state for job in jobs]))
 
     def _set_batch(self, batch: Batch | None) -> None:
         self.batch = batch
