@@ -118,7 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from qwen3.server.app import serve
 
     serve(args.dir, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          device=args.device, max_seq_len=args.max_seq_len, compile=args.compile)
+          device=args.device, max_seq_len=args.max_seq_len, chat_max_tokens=args.default_max_tokens,
+          compile=args.compile)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most sequences decoded together (each has a KV-cache slot of --max-seq-len)")
     serve.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                        help="positions (prompt + reply) per sequence; default: the model's context")
+    serve.add_argument("--default-max-tokens", type=int, default=1024, metavar="N",
+                       help="reply length of a chat request without max_tokens (at most what the context leaves)")
     serve.add_argument("--compile", action="store_true",
                        help="torch.compile the decode step (CUDA graphs on a GPU)")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda")

@@ -36,7 +36,7 @@ from qwen3.sampling import SamplingParams
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.server.app import bind, create_app
 from qwen3.server.scheduler import Scheduler
-from qwen3.server.schemas import APIError, CompletionRequest, parse_request
+from qwen3.server.schemas import APIError, ChatRequest, CompletionRequest, parse_request
 from qwen3.server.service import CompletionService
 from qwen3.tokenizer import load_tokenizer, train_tokenizer
 
@@ -403,6 +403,21 @@ def test_service_without_a_server(model, tokenizer) -> None:
     assert [p.seed for p in params] == [3, 4] and params[0].max_new_tokens == 16
 
 
+def test_sequence_length_and_chat_default(model, tokenizer) -> None:
+    """`max_seq_len` bounds each sequence and is the context the API states; a chat request without
+    max_tokens gets `chat_max_tokens`, or what its context leaves when that is less."""
+    scheduler = Scheduler(model, tokenizer, max_batch=2, max_seq_len=100)
+    service = CompletionService(scheduler, tokenizer, MODEL_NAME, chat_max_tokens=50)
+    assert service.models().data[0].context_length == 100 == scheduler.cache.max_len
+    assert scheduler.describe_cache().startswith("KV cache: 2 slots x 100 tokens = ")
+    chat = parse_request(ChatRequest, b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}]}')
+    assert service.sampling_params(chat, [1] * 10, None, chat=True, choice=0).max_new_tokens == 50
+    assert service.sampling_params(chat, [1] * 80, None, chat=True, choice=0).max_new_tokens == 20
+    with pytest.raises(APIError) as caught:
+        service.encode([1] * 100, "prompt")
+    assert caught.value.code == "context_length_exceeded"
+
+
 def test_api_key(model, tokenizer) -> None:
     with ServerThread(create_app(model, tokenizer, MODEL_NAME, api_key="s3cret")) as server:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
@@ -471,3 +486,11 @@ def test_cli_serve_taken_port(checkpoint: Path, capsys: pytest.CaptureFixture) -
             cli.main(["serve", str(checkpoint), "--port", str(taken.getsockname()[1])])
     assert exit_info.value.code == 2
     assert "--port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--max-seq-len", "1"), ("--default-max-tokens", "0"), ("--max-batch", "0")])
+def test_cli_serve_bad_sizes(checkpoint: Path, capsys: pytest.CaptureFixture, flag: str, value: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", str(checkpoint), "--port", "0", flag, value])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err

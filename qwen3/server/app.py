@@ -36,7 +36,7 @@ from qwen3.server.schemas import (
     ModelList, parse_request,
 )
 from qwen3.server.scheduler import Scheduler
-from qwen3.server.service import CompletionService
+from qwen3.server.service import CHAT_DEFAULT_MAX_TOKENS, CompletionService
 
 STATIC = Path(__file__).with_name("static")
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -68,19 +68,20 @@ class SecurityHeaders:
 
 def create_app(model: Qwen3ForCausalLM, tokenizer, model_name: str, api_key: str | None = None,
                max_batch: int = 16, max_queue: int | None = None, max_seq_len: int | None = None,
-               compile: bool = False) -> FastAPI:
+               chat_max_tokens: int = CHAT_DEFAULT_MAX_TOKENS, compile: bool = False) -> FastAPI:
     """The FastAPI app serving `model` as `model_name`; its scheduler runs while the app is up.
 
     Up to `max_batch` sequences decode together and `max_queue` (default 4 x max_batch) more wait;
     beyond that requests are answered 429. Each sequence has `max_seq_len` positions (default: the
-    model's context), all allocated at once (`Scheduler`). `compile` compiles the decode step.
+    model's context), all allocated at once (`Scheduler`); a chat request without max_tokens gets
+    at most `chat_max_tokens`. `compile` compiles the decode step.
     """
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue or 4 * max_batch,
                           max_seq_len=max_seq_len, compile=compile)
     app = FastAPI(title="qwen3", version="1", description=openapi.DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.scheduler = scheduler
-    app.state.service = CompletionService(scheduler, tokenizer, model_name, api_key)
+    app.state.service = CompletionService(scheduler, tokenizer, model_name, api_key, chat_max_tokens)
     app.add_middleware(SecurityHeaders)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(HTTPException, http_error)
@@ -187,7 +188,7 @@ async def read_body(request: Request) -> bytes:
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 5000, api_key: str | None = None,
           max_batch: int = 16, device: str = "auto", max_seq_len: int | None = None,
-          compile: bool = False) -> None:
+          chat_max_tokens: int = CHAT_DEFAULT_MAX_TOKENS, compile: bool = False) -> None:
     """Serve the checkpoint at `path` (or a run folder's best/) until interrupted."""
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {port}")
@@ -195,6 +196,8 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 5000, api_key: 
         raise UserError(f"--max-batch must be at least 1, got {max_batch}")
     if max_seq_len is not None and max_seq_len < 2:
         raise UserError(f"--max-seq-len must be at least 2 (a prompt token and a reply), got {max_seq_len}")
+    if chat_max_tokens < 1:
+        raise UserError(f"--default-max-tokens must be at least 1, got {chat_max_tokens}")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key must not be empty")
     folder = find_checkpoint(path)
@@ -205,7 +208,7 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 5000, api_key: 
     listener = bind(host, port)  # before loading the model, so a taken port fails at once
     engine = load_engine(folder, device=device)
     app = create_app(engine.model, engine.tokenizer, model_name, api_key=api_key, max_batch=max_batch,
-                     max_seq_len=max_seq_len, compile=compile)
+                     max_seq_len=max_seq_len, chat_max_tokens=chat_max_tokens, compile=compile)
     address = f"[{host}]" if ":" in host else host
     print(app.state.scheduler.describe_cache(), file=sys.stderr)
     print(f"serving {model_name} on http://{address}:{listener.getsockname()[1]} "

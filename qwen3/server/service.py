@@ -31,18 +31,21 @@ from qwen3.server.schemas import (
 from qwen3.server.scheduler import Event, Job, QueueFull, Scheduler
 from qwen3.tokenizer import Tokenizer
 
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_DEFAULT_MAX_TOKENS = 1024  # a chat reply's, when the request sets none (`qwen3 serve --default-max-tokens`)
 
 
 class CompletionService:
-    """Serves `scheduler`'s model as `model_name`; `api_key`, when set, guards every /v1 call."""
+    """Serves `scheduler`'s model as `model_name`; `api_key`, when set, guards every /v1 call. A chat
+    request without max_tokens gets `chat_max_tokens`, or the room its context leaves if that is less."""
 
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, model_name: str,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, chat_max_tokens: int = CHAT_DEFAULT_MAX_TOKENS) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.api_key = api_key
+        self.chat_max_tokens = chat_max_tokens
         self.vocab_size = scheduler.engine.model.config.vocab_size
         self.created = int(time.time())
 
@@ -109,10 +112,11 @@ class CompletionService:
 
     def sampling_params(self, body: GenerationRequest, prompt_ids: list[int], max_tokens: int | None,
                         chat: bool, choice: int) -> SamplingParams:
-        """The settings of choice `choice` of a request; max_tokens defaults to what the context allows."""
+        """The settings of choice `choice` of a request; max_tokens defaults to the chat or completion
+        default, or to what the context leaves when that is less."""
         room = self.scheduler.context - len(prompt_ids)
         if max_tokens is None:
-            max_tokens = room if chat else min(COMPLETION_DEFAULT_MAX_TOKENS, room)
+            max_tokens = min(self.chat_max_tokens if chat else COMPLETION_DEFAULT_MAX_TOKENS, room)
         elif max_tokens > room:
             raise APIError(400, f"max_tokens is {max_tokens}, but the prompt is {len(prompt_ids)} tokens "
                                 f"and the context {self.scheduler.context}: at most {room} tokens can be generated",
