@@ -75,7 +75,7 @@ def plan(reduced: bool) -> Plan:
     if reduced:
         tiny = dataclasses.replace(preset("tiny")[0], max_position_embeddings=256)
         return Plan({"tiny": (tiny, 2, 64)}, 1, 2, 6,
-                    tiny, (1, 4), 16, 8, 1, 4, 1, 8)
+                    tiny, (1, 4), 16, 24, 3, 4, 1, 8)
     qwen3_06b = dataclasses.replace(preset("qwen3-0.6b")[0], max_position_embeddings=2048)
     return Plan({"seed": (seed_shape(), 16, 256), "qwen3-0.6b": (qwen3_06b, 8, 1024)}, 3, 5, 60,
                 qwen3_06b, (1, 16), 128, 64, 3, 16, 2, 64)
