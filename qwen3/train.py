@@ -134,9 +134,11 @@ class TrainState:
 # Set-up
 
 
-def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] | None = None) -> TrainState:
+def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] | None = None,
+          model_source: ModelSource | None = None) -> TrainState:
     """The run's state, ready for its first step; with `saved` (the trainer state of
-    config.out_dir/last), ready for the step after the saved one."""
+    config.out_dir/last), ready for the step after the saved one. `model_source`, when given, builds
+    the model instead of `init_from` or a fresh initialization; a resumed run still loads last/."""
     processes = init_distributed(config.device)
     autocast_dtype = resolve_dtype(config.dtype, processes.device)
     seq_len = config.seq_len or model_config.max_position_embeddings
@@ -147,8 +149,10 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
     tune_malloc()
     out = Path(config.out_dir)
     # A LoRA run resumes from the frozen base it started from plus its saved adapters.
-    resumed_weights = saved is not None and not config.lora_rank
-    source = ModelSource(out / "last" if resumed_weights else Path(config.init_from) if config.init_from else None)
+    if saved is not None and not config.lora_rank:
+        source = ModelSource(out / "last")
+    else:
+        source = model_source or ModelSource(Path(config.init_from) if config.init_from else None)
     say = (lambda message: tqdm.write(message, file=sys.stderr)) if processes.is_main else (lambda message: None)
 
     stage = data_stage(config.stage)
