@@ -19,7 +19,7 @@ the code is timed.
 Each claim writes its entry in docs/img/claims.json (or --json): the numbers the pages in docs/
 quote, and everything bench/claims_plot.py needs to draw docs/img/claims_<claim>.png. Loss
 comparisons are paired: a variant and the baseline (our Qwen3 block) trained with the same seed
-share their data order and the initial weights of every shared module.
+share their data order, and a module-swap variant also the initial weights of every module it keeps.
 """
 
 from __future__ import annotations
@@ -128,9 +128,11 @@ def position_losses(model: nn.Module, tokens: np.ndarray, window: int, positions
 class Runs:
     """Trains each (variant, seed, learning rate) once per process; claims that share a run share it.
 
-    A variant and the baseline trained with the same seed see the same batches and, for every module
-    they share, the same initial weights. Comparisons are therefore paired, seed by seed, so the
-    part of the run-to-run noise that the two runs share drops out of their difference.
+    A variant and the baseline trained with the same seed see the same batches, and a module-swap
+    variant starts from the baseline's weights for every module it keeps (a config variant draws
+    differently shaped weights, so its initialization differs). Comparisons are therefore paired,
+    seed by seed, so the part of the run-to-run noise that the two runs share drops out of their
+    difference.
     """
 
     def __init__(self, settings: Settings, data: PreparedData) -> None:

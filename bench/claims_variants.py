@@ -4,8 +4,10 @@ config field changed (key/value heads, an untied head) or one module swapped aft
 learned absolute positions, post-norm blocks).
 
 `VariantSource` is how a variant enters the training loop: qwen3.train's `setup` takes it as the
-run's model source, and builds the model under the seed it has just set, so a variant and the
-baseline trained with the same seed start from the same weights for every module they share.
+run's model source, and builds the model under the seed it has just set. A module swap happens
+after the whole model is initialized, so with the same seed a module-swap variant starts from the
+baseline's weights for every module it keeps; a config change reshapes the random draws (fewer
+key/value weights, a separate head), so a config variant starts from other weights.
 """
 
 from __future__ import annotations
