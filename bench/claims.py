@@ -1,17 +1,14 @@
 """Measure the seed's claims about each architecture component, on this project's own model.
 
-The seed (the teaching document this project grew from; docs/README.md quotes its claims) asserts,
-without measuring: grouped-query attention gives a "50-75% reduction in attention memory" at
-"nearly identical" quality; RMSNorm is "more efficient" than LayerNorm; SwiGLU is "superior"; RoPE
-"can handle sequences longer than training"; weight tying saves parameters and "improves
-generalization"; pre-norm trains more stably than post-norm. This script tests each claim on
-qwen3.model. A variant is our Qwen3ForCausalLM with one config field changed or one module
-swapped (bench/claims_variants.py); every variant is trained by the project's loop (qwen3.train:
-`setup` with the variant as its model source, then `run`) with the same small budget on the
-embedded King James Bible, and scored at its last step by qwen3.evaluate. Where speed is claimed,
-the code is timed.
+The seed (the teaching document this project grew from) asserts, without measuring, that
+grouped-query attention, RMSNorm, SwiGLU, RoPE, weight tying and pre-norm each help; docs/README.md
+quotes each claim beside what this script measured on qwen3.model. A variant is our
+Qwen3ForCausalLM with one config field changed or one module swapped (bench/claims_variants.py);
+every variant is trained by the project's loop (qwen3.train: `setup` with the variant as its model
+source, then `run`) with the same small budget on the embedded King James Bible, and scored at its
+last step by qwen3.evaluate. Where speed is claimed, the code is timed.
 
-    python bench/claims.py                 # every claim: about 17 minutes on one CPU thread
+    python bench/claims.py                 # every claim: 17 to 30 minutes on one CPU thread
     python bench/claims.py gqa rope        # only some
     python bench/claims.py all --seeds 0   # one seed instead of three: about half the time
     python bench/claims_plot.py            # then the figures, from the JSON alone (no training)
@@ -219,24 +216,36 @@ def time_norm(norm: nn.Module, rows: int, width: int, repeats: int) -> dict[str,
 
 
 @torch.no_grad()
-def decode_tokens_per_second(config: ModelConfig, batch_size: int, context: int, steps: int) -> float:
-    """Tokens/s of `steps` one-token forward calls after `context` cached positions.
+def decode_tokens_per_second(configs: dict[int, ModelConfig], batch_size: int, context: int, steps: int,
+                             repeats: int = 5) -> dict[int, float]:
+    """Tokens/s of `steps` one-token forward calls after `context` cached positions, per config.
 
-    The cache is advanced over `context` zero positions instead of running a prefill: a decode step
-    costs the same whatever values the cached keys hold.
+    Each of `repeats` rounds times every config in turn, and each config's median round counts: a
+    shared machine's changing load then falls on all of them alike. The cache is advanced over
+    `context` zero positions instead of running a prefill: a decode step costs the same whatever
+    values the cached keys hold.
     """
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config).eval()
-    cache = model.new_kv_cache(batch_size, context + steps)
     token = torch.zeros(batch_size, 1, dtype=torch.long)
+    decoders = {}
+    for key, config in configs.items():
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config).eval()
+        decoders[key] = model, model.new_kv_cache(batch_size, context + steps)
 
-    def decode() -> None:
+    def decode(model: Qwen3ForCausalLM, cache: KVCache) -> None:
         cache.reset()
         cache.advance(context)
         for _ in range(steps):
             model(token, kv_cache=cache)
 
-    return batch_size * steps / median_seconds(decode, repeats=5, warmup=1)
+    seconds: dict[int, list[float]] = {key: [] for key in decoders}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for key, (model, cache) in decoders.items():
+            start = time.perf_counter()
+            decode(model, cache)
+            if round_:
+                seconds[key].append(time.perf_counter() - start)
+    return {key: batch_size * steps / statistics.median(times) for key, times in seconds.items()}
 
 
 def kv_cache_bytes(config: ModelConfig, batch_size: int, length: int, dtype: torch.dtype) -> int:
@@ -274,14 +283,13 @@ def claim_gqa(runs: Runs) -> dict[str, Any]:
             row["kv_cache_vs_mha"] = row["kv_cache_bytes"] / full["kv_cache_bytes"]
             row["attention_parameters_vs_mha"] = row["attention_parameters"] / full["attention_parameters"]
         memory[name] = rows
+    configs = {kv: dataclasses.replace(s.decode, num_key_value_heads=kv) for kv in s.decode_kv_heads}
     decode = []
-    for kv in s.decode_kv_heads:
-        config = dataclasses.replace(s.decode, num_key_value_heads=kv)
-        for batch in s.decode_batches:
-            decode.append(dict(kv_heads=kv, batch_size=batch,
-                               tokens_per_s=decode_tokens_per_second(config, batch, s.decode_context,
-                                                                      s.decode_steps),
-                               kv_cache_bytes=kv_cache_bytes(config, batch, s.decode_context, torch.float32)))
+    for batch in s.decode_batches:
+        speeds = decode_tokens_per_second(configs, batch, s.decode_context, s.decode_steps)
+        decode += [dict(kv_heads=kv, batch_size=batch, tokens_per_s=speeds[kv],
+                        kv_cache_bytes=kv_cache_bytes(config, batch, s.decode_context, torch.float32))
+                   for kv, config in configs.items()]
     heads, kv_heads = s.model.num_attention_heads, s.model.num_key_value_heads
     variants = {f"GQA {heads}q/{kv_heads}kv (ours)": "baseline", f"MQA {heads}q/1kv": "one_kv_head",
                 f"MHA {heads}q/{heads}kv": "full_mha"}
@@ -367,16 +375,16 @@ def claim_muon(runs: Runs) -> dict[str, Any]:
             gradient_sv_over_max=(before / before[0]).tolist(), newton_schulz_sv=after.tolist(),
             gradient_stable_rank=float((before ** 2).sum() / before[0] ** 2),
             newton_schulz_stable_rank=float((after ** 2).sum() / after[0] ** 2))
-    # The scalar map each singular value goes through: sigma -> a s + b s^3 + c s^5, five times,
-    # starting from sigma / ||G||_F (so every starting value is at most 1).
-    a, b, c = NS_COEFFICIENTS
+    # The scalar map each singular value goes through: sigma -> a s + b s^3 + c s^5, newton_schulz's
+    # five times, starting from sigma / ||G||_F (so every starting value is at most 1).
+    (a, b, c), steps = NS_COEFFICIENTS, 5
     sigma = torch.logspace(-4, 0, 400, dtype=torch.float64)
     mapped = sigma.clone()
-    for _ in range(5):
+    for _ in range(steps):
         mapped = a * mapped + b * mapped ** 3 + c * mapped ** 5
     settled = mapped[sigma >= 1e-2]
     return dict(spectra=spectra, scalar_map=dict(
-        coefficients=list(NS_COEFFICIENTS), steps=5, sigma=sigma.tolist(), mapped=mapped.tolist(),
+        coefficients=list(NS_COEFFICIENTS), steps=steps, sigma=sigma.tolist(), mapped=mapped.tolist(),
         range_for_sigma_from_0_01=[float(settled.min()), float(settled.max())], at_1=float(mapped[-1]),
         below_half_for_sigma_under=float(sigma[mapped < 0.5].max())))
 
