@@ -51,9 +51,8 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def measured(tiny):
+def measured(tiny, one_thread):
     settings, data, folder = tiny
-    torch.set_num_threads(1)
     runs = claims.Runs(settings, data)
     json_path = folder / "claims.json"
     with pytest.MonkeyPatch.context() as patch:
