@@ -44,11 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3.config import ModelConfig, TrainConfig, preset
+from qwen3.errors import print_to_stderr
 from qwen3.model import Attention, KVCache, Qwen3ForCausalLM, RMSNorm
 from qwen3.muon import NS_COEFFICIENTS, newton_schulz
 from qwen3.runtime import peak_flops, tune_malloc
-from qwen3.store import PreparedData, prepare
+from qwen3.store import PreparedData
 from qwen3.train import CausalLMLoss, ModelSource, run, setup
+from qwen3.trainparts import prepare_text
 from qwen3.windows import RandomWindows, eval_windows
 
 from claims_variants import VariantSource  # bench/, beside this script
@@ -410,12 +412,6 @@ def to_json(results: dict[str, Any]) -> str:
     return re.sub(r"\[\s+([-+.\deE,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n"
 
 
-def prepare_data(train: TrainConfig) -> PreparedData:
-    """The tokenizer and token store the loop trains on (built once, then found in the cache)."""
-    return prepare(train.data, vocab_size=train.tokenizer_vocab_size, val_fraction=train.val_fraction,
-                   cache_dir=train.cache_dir, min_tokens=train.seq_len + 1)
-
-
 def run_claims(claims: list[str], runs: Runs, json_path: Path, command: str,
                malloc_tuned: bool = False) -> dict[str, Any]:
     """Measure `claims` and merge their entries into the JSON file at `json_path`."""
@@ -457,7 +453,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(train=train, seeds=tuple(args.seeds))
     command = "python bench/claims.py " + " ".join(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
-    run_claims(claims, Runs(settings, prepare_data(train)), args.json, command.strip(), malloc_tuned)
+    data = prepare_text(train, train.tokenizer, train.seq_len, True, print_to_stderr)  # what each run reads
+    run_claims(claims, Runs(settings, data), args.json, command.strip(), malloc_tuned)
     print(f"done in {time.perf_counter() - start:.0f} s; results in {args.json}; "
           f"figures: python bench/claims_plot.py --json {args.json}", file=sys.stderr)
 
