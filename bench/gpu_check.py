@@ -42,7 +42,7 @@ import train_throughput
 from qwen3.config import ModelConfig, preset
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.muon import build_optimizers
-from qwen3.runtime import (autocast_for, init_distributed, peak_flops, peak_rss_mb, resolve_device, resolve_dtype,
+from qwen3.runtime import (init_distributed, peak_flops, peak_rss_mb, resolve_device, resolve_dtype,
                            synchronize)
 from qwen3.train import CausalLMLoss, flops_per_token, wrap_step_model
 
@@ -100,13 +100,7 @@ def time_training(name: str, step_module: torch.nn.Module, params: list[torch.nn
         x, y = torch.randint(0, config.vocab_size, (2, rows, seq_len), generator=generator).to(device)
         synchronize(device)
         start = time.perf_counter()
-        with autocast_for(device, dtype):
-            loss_tensor = step_module(x, y)
-        loss_tensor.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss_tensor = train_throughput.training_step(step_module, optimizers, params, x, y, dtype, device)
         synchronize(device)
         if index >= sizes.warmup_steps:
             times.append(time.perf_counter() - start)

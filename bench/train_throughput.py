@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from qwen3.config import ModelConfig, preset
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.muon import build_optimizers
-from qwen3.runtime import native_bfloat16, peak_flops, peak_rss_mb, resolve_dtype, tune_malloc
+from qwen3.runtime import autocast_for, native_bfloat16, peak_flops, peak_rss_mb, resolve_dtype, tune_malloc
 from qwen3.train import CausalLMLoss, flops_per_token
 
 PRELOAD_CANDIDATES = {
@@ -76,15 +76,17 @@ def build(model_name: str, compile_model: bool, vocab_size: int) -> tuple[torch.
 
 
 def training_step(step_module: torch.nn.Module, optimizers: list, params: list, x: torch.Tensor,
-                  y: torch.Tensor, dtype: torch.dtype) -> None:
-    """One optimizer step as the training loop takes it: autocast forward, backward, clip, step."""
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                  y: torch.Tensor, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """One optimizer step as the training loop takes it: autocast forward, backward, clip, step.
+    Returns the loss (on the device)."""
+    with autocast_for(device, dtype):
         loss = step_module(x, y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
     for optimizer in optimizers:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def worker(case: dict) -> dict:
