@@ -8,7 +8,7 @@ every variant is trained by the project's loop (qwen3.train: `setup` with the va
 source, then `run`) with the same small budget on the embedded King James Bible, and scored at its
 last step by qwen3.evaluate. Where speed is claimed, the code is timed.
 
-    python bench/claims.py                 # every claim: 17 to 30 minutes on one CPU thread
+    python bench/claims.py                 # every claim: 12 minutes on one quiet CPU thread
     python bench/claims.py gqa rope        # only some
     python bench/claims.py all --seeds 0   # one seed instead of three: about half the time
     python bench/claims_plot.py            # then the figures, from the JSON alone (no training)
