@@ -43,7 +43,7 @@ OLLAMA_TEMPLATE = """{{- if .System }}<|im_start|>system
 """
 
 
-def tensor_type(name: str, shape: tuple[int, ...], wanted: str) -> gguf.GGMLQuantizationType:
+def tensor_type(shape: tuple[int, ...], wanted: str) -> gguf.GGMLQuantizationType:
     """The GGUF type of one tensor: vectors (norm gains) in float32, matrices in the wanted type."""
     if len(shape) < 2 or wanted == "f32":
         return gguf.GGMLQuantizationType.F32
@@ -129,7 +129,7 @@ def export_gguf(path: str | Path, out: str | Path, kind: str = "f16", force: boo
         writer.add_file_type(FILE_TYPES[kind])
         notes = write_tokenizer(writer, folder, config.vocab_size)
         with safe_open(weights, framework="pt") as source:
-            plan = []  # (HF name, GGUF name, type): the header lists every tensor before any data
+            plan = []  # (name, GGUF type) in file order: the header lists every tensor before any data
             for name in source.keys():
                 if config.tie_word_embeddings and name == "lm_head.weight":
                     continue  # llama.cpp uses token_embd as the output matrix when output is absent
@@ -137,15 +137,16 @@ def export_gguf(path: str | Path, out: str | Path, kind: str = "f16", force: boo
                 if target is None:
                     raise UserError(f"{folder}: tensor {name} has no place in llama.cpp's qwen3 architecture")
                 shape = tuple(source.get_slice(name).get_shape())
-                plan.append((name, target, tensor_type(target, shape, kind)))
+                stored_as = tensor_type(shape, kind)
+                plan.append((name, stored_as))
                 writer.add_tensor_info(target, shape, np.dtype(np.float32),
-                                       int(np.prod(gguf.quant_shape_to_byte_shape(shape, plan[-1][2]))),
-                                       raw_dtype=plan[-1][2])
+                                       int(np.prod(gguf.quant_shape_to_byte_shape(shape, stored_as))),
+                                       raw_dtype=stored_as)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for name, target, tensor_kind in plan:
-                writer.write_tensor_data(convert(source.get_tensor(name), tensor_kind))
+            for name, stored_as in plan:
+                writer.write_tensor_data(convert(source.get_tensor(name), stored_as))
         writer.flush()
         for handle in writer.fout or []:
             os.fsync(handle.fileno())
