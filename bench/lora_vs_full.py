@@ -22,13 +22,13 @@ import time
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
     import torch
-    from torch import nn
 
     from qwen3.config import LORA_PROJECTIONS, preset
     from qwen3.lora import add_lora
     from qwen3.model import Qwen3ForCausalLM
     from qwen3.muon import build_optimizers
-    from qwen3.runtime import peak_rss_mb
+    from qwen3.runtime import peak_rss_mb, synchronize
+    from train_throughput import training_step
     from qwen3.trainparts import CausalLMLoss
 
     device = torch.device(args.device)
@@ -48,15 +48,8 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     times = []
     for _ in range(args.steps + 1):  # the first step (allocations, optimizer state) is not timed
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = step_model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        training_step(step_model, optimizers, params, x[:, :-1], x[:, 1:], torch.bfloat16, device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else peak_rss_mb() * 2**20 - rss_before)
