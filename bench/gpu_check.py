@@ -67,17 +67,13 @@ class Plan:
     client_tokens: int
 
 
-def seed_shape(vocab_size: int = 8192) -> ModelConfig:
-    return dataclasses.replace(preset("seed")[0], vocab_size=vocab_size, max_position_embeddings=1024)
-
-
 def plan(reduced: bool) -> Plan:
     if reduced:
         tiny = dataclasses.replace(preset("tiny")[0], max_position_embeddings=256)
         return Plan({"tiny": (tiny, 2, 64)}, 1, 2, 6,
                     tiny, (1, 4), 16, 24, 3, 4, 1, 8)
     qwen3_06b = dataclasses.replace(preset("qwen3-0.6b")[0], max_position_embeddings=2048)
-    return Plan({"seed": (seed_shape(), 16, 256), "qwen3-0.6b": (qwen3_06b, 8, 1024)}, 3, 5, 60,
+    return Plan({"seed": (train_throughput.seed_shape(), 16, 256), "qwen3-0.6b": (qwen3_06b, 8, 1024)}, 3, 5, 60,
                 qwen3_06b, (1, 16), 128, 64, 3, 16, 2, 64)
 
 
@@ -90,7 +86,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def time_training(name: str, step_module: torch.nn.Module, params: list[torch.nn.Parameter],
                   optimizers: list[torch.optim.Optimizer], config: ModelConfig, rows: int, seq_len: int,
-                  sizes: Plan, device: torch.device, dtype: torch.dtype) -> dict:
+                  sizes: Plan, device: torch.device, dtype: torch.dtype, peak: float) -> dict:
     """Median step time of `step_module` (model + loss) over the plan's timed steps, after warm-up."""
     generator = torch.Generator().manual_seed(0)
     if device.type == "cuda":
@@ -107,13 +103,14 @@ def time_training(name: str, step_module: torch.nn.Module, params: list[torch.nn
         loss = loss_tensor.item()
     tok_s = rows * seq_len / statistics.median(times)
     return {"section": "train", "case": name, "tok_s": tok_s,
-            "mfu": tok_s * flops_per_token(config, seq_len) / peak_flops(device, dtype),
+            "mfu": tok_s * flops_per_token(config, seq_len) / peak,
             "memory_gb": peak_memory_gb(device), "note": f"loss {loss:.3f}"}
 
 
 def train_section(sizes: Plan, device: torch.device, dtype: torch.dtype, log: Callable[[str], None]) -> list[dict]:
     rows_out = []
     single = init_distributed(str(device))
+    peak = peak_flops(device, dtype)  # a data-sheet figure, or a matmul probe on the CPU: measured once
     for shape, (config, rows, seq_len) in sizes.train_shapes.items():
         for contender in ("ours", "ours compiled", "transformers"):
             torch.manual_seed(0)
@@ -126,7 +123,7 @@ def train_section(sizes: Plan, device: torch.device, dtype: torch.dtype, log: Ca
             step_module = wrap_step_model(module, contender == "ours compiled", single, log)
             log(f"train: {shape} {contender}")
             rows_out.append(time_training(f"{shape} {rows}x{seq_len}, {contender}", step_module, params,
-                                          optimizers, config, rows, seq_len, sizes, device, dtype))
+                                          optimizers, config, rows, seq_len, sizes, device, dtype, peak))
             del module, step_module, optimizers, params
             if device.type == "cuda":
                 torch.cuda.empty_cache()
