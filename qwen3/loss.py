@@ -40,13 +40,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start:start + rows], targets[start:start + rows]
-            # (n, V) log-probabilities; the matmul runs in the autocast dtype, if any
-            log_probs = (h @ weight.T).float().log_softmax(-1)
-            kept, picked = (y != IGNORE)[:, None], y.clamp_min(0)[:, None]
-            total -= (log_probs.gather(1, picked) * kept).sum()
+            logits = (h @ weight.T).float()  # (n, V); the matmul runs in the autocast dtype, if any
+            total += F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum")
             # d(summed loss)/d(logits) = softmax(logits) - onehot(y), and 0 on ignored rows: (n, V)
-            grad_logits = log_probs.exp_()
-            grad_logits.scatter_add_(1, picked, -kept.float())
+            kept = (y != IGNORE)[:, None]
+            grad_logits = logits.softmax(-1)
+            del logits
+            grad_logits.scatter_add_(1, y.clamp_min(0)[:, None], -kept.float())
             grad_logits = grad_logits.mul_(kept).to(weight.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:start + rows] = grad_logits @ weight  # (n, C)
