@@ -28,13 +28,14 @@ def chunk_rows(vocab_size: int) -> int:
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """mean over targets != IGNORE of -log softmax(h W^T)[y], both gradients taken in forward."""
+    """sum over targets != IGNORE of -log softmax(h W^T)[y], divided by `divisor` (by default the
+    number of those targets: the mean); both gradients taken in forward."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                rows: int) -> torch.Tensor:
+                rows: int, divisor: torch.Tensor | None) -> torch.Tensor:
         # hidden (N, C), weight (V, C), targets (N,)
-        count = (targets != IGNORE).sum().clamp_min(1)  # no targets at all: loss 0, never 0/0
+        count = divisor if divisor is not None else target_count(targets)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -62,18 +63,25 @@ class LinearCrossEntropy(torch.autograd.Function):
         scale = grad_output / count  # the forward's gradients are of the sum; the output is the mean
         return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
                 None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
-                None, None)
+                None, None, None)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the logits hidden @ weight.T (hidden (..., C), weight (V, C)) against
-    `targets` (...), leaving out targets of IGNORE, without ever holding all the logits."""
+def target_count(targets: torch.Tensor) -> torch.Tensor:
+    """The targets that carry loss, at least 1: no targets at all gives a loss of 0, never 0/0."""
+    return (targets != IGNORE).sum().clamp_min(1)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         divisor: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the logits hidden @ weight.T (hidden (..., C), weight (V, C)) against
+    `targets` (...), leaving out targets of IGNORE, without ever holding all the logits: the mean,
+    or with `divisor` the sum divided by it (a count of targets over several micro-batches)."""
     hidden, targets = hidden.flatten(0, -2), targets.flatten()
     rows = chunk_rows(weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(hidden, weight, targets, rows)
-    nats, _, count = loss_and_hits(hidden, weight, targets)
-    return nats / count.clamp_min(1)
+        return LinearCrossEntropy.apply(hidden, weight, targets, rows, divisor)
+    nats, _, _ = loss_and_hits(hidden, weight, targets)
+    return nats.float() / (divisor if divisor is not None else target_count(targets))
 
 
 def loss_and_hits(hidden: torch.Tensor, weight: torch.Tensor,

@@ -56,7 +56,8 @@ from qwen3.runtime import (Distributed, autocast_for, cpu_name, graceful_stop, i
                            rank_zero_first, resolve_dtype, rng_state, seed_everything, set_rng_state,
                            teardown_distributed, tune_malloc)
 from qwen3.trainparts import (PRETRAINING, BatchLayout, BatchSource, CausalLMLoss, CompiledOrEager, DataStage,
-                              ModelSource, Pending, batch_layout, data_stage, flops_per_token, lr_factor)
+                              ModelSource, Pending, batch_layout, data_stage, flops_per_token, loss_divisor,
+                              lr_factor)
 
 # The training API in one place (the resume helpers and the loop's pieces live in their own modules).
 __all__ = ["BatchSource", "CausalLMLoss", "ModelSource", "RunResult", "TrainState", "TrainingDiverged",
@@ -311,8 +312,9 @@ def train_step(state: TrainState) -> None:
     for optimizer in state.optimizers:
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
-    for micro in range(micro_steps):
-        batch = next(state.batches)
+    micro_batches = [next(state.batches) for _ in range(micro_steps)]
+    divisor = loss_divisor(micro_batches, state.processes)
+    for micro, batch in enumerate(micro_batches):
         if device.type == "cuda":
             batch = tuple(tensor.pin_memory() for tensor in batch)
         batch = tuple(tensor.to(device, non_blocking=True) for tensor in batch)
@@ -320,10 +322,10 @@ def train_step(state: TrainState) -> None:
         sync = micro == micro_steps - 1 or state.processes.world_size == 1
         with contextlib.nullcontext() if sync else state.step_model.no_sync():
             with autocast_for(device, state.autocast_dtype):
-                loss = state.step_model(*batch)
-            # Each micro-batch's mean loss / micro_steps: the gradient of the step's mean loss
-            # (DDP then averages over ranks).
-            state.scaler.scale(loss / micro_steps).backward()
+                # The summed loss over the step's per-process share of targets: summed over the
+                # micro-batches (and averaged over ranks by DDP) it is the step's mean loss.
+                loss = state.step_model(*batch, divisor)
+            state.scaler.scale(loss).backward()
         state.pending.loss_sum += loss.detach()
     for optimizer in state.optimizers:
         state.scaler.unscale_(optimizer)
@@ -362,9 +364,9 @@ def means_since_log(state: TrainState) -> tuple[float, float]:
     world = state.processes.world_size
     if world > 1:
         dist.all_reduce(sums)
-    loss_sum, grad_norm_sum = sums.tolist()
+    loss_sum, grad_norm_sum = sums.tolist()  # loss_sum: world_size times each step's mean, summed
     steps = max(state.pending.steps, 1)
-    return loss_sum / (steps * state.layout.micro_steps * world), grad_norm_sum / (steps * world)
+    return loss_sum / (steps * world), grad_norm_sum / (steps * world)
 
 
 def stop_if_diverged(state: TrainState, means: tuple[float, float] | None = None) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from qwen3.checkpoint import CheckpointError, find_checkpoint, load_config, load_model
@@ -22,7 +23,7 @@ from qwen3.store import PreparedData, prepare
 from qwen3.windows import RandomWindows
 from qwen3.errors import UserError
 from qwen3.evaluate import EvalResult, evaluate
-from qwen3.loss import linear_cross_entropy
+from qwen3.loss import IGNORE, linear_cross_entropy
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.runtime import Distributed
 from qwen3.tokenizer import Tokenizer
@@ -56,14 +57,28 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 class CausalLMLoss(nn.Module):
     """The model plus its mean next-token cross-entropy: one module, so DDP and torch.compile see
     the whole forward pass. The loss is taken in float32 a slice of rows at a time (qwen3/loss.py),
-    so the full logits never exist. Targets of -100 are left out of the mean: that is the loss mask."""
+    so the full logits never exist. Targets of -100 are left out of the mean: that is the loss mask.
+    With `divisor` the summed loss is divided by it instead of by this batch's count (`loss_divisor`)."""
 
     def __init__(self, model: Qwen3ForCausalLM) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return linear_cross_entropy(self.model.model(x), self.model.lm_head.weight, y)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, divisor: torch.Tensor | None = None) -> torch.Tensor:
+        return linear_cross_entropy(self.model.model(x), self.model.lm_head.weight, y, divisor)
+
+
+def loss_divisor(micro_batches: list[tuple[torch.Tensor, torch.Tensor]], processes: Distributed) -> torch.Tensor:
+    """What each micro-batch's summed loss is divided by so that one step learns from every target
+    of its global batch equally, whichever micro-batch and process holds it: the step's count of
+    targets over all micro-batches and processes (a collective under DDP), over the number of
+    processes, because DDP averages their gradients. A mean per micro-batch instead would weigh a
+    token of a batch with few reply tokens more than one of a batch with many. Without a loss mask
+    every batch counts the same and this is the mean per micro-batch over the micro-steps."""
+    count = torch.tensor(float(sum(int((y != IGNORE).sum()) for _, y in micro_batches)), device=processes.device)
+    if processes.world_size > 1:
+        dist.all_reduce(count)
+    return count.clamp_min(1) / processes.world_size  # no targets at all: loss 0, never 0/0
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ def slicing(request, monkeypatch):
     return request.param
 
 
-def test_loss_and_both_gradients_equal_the_full_logits_loss(slicing):
+@pytest.mark.parametrize("divisor", [None, torch.tensor(71.0)], ids=["mean", "sum over a divisor"])
+def test_loss_and_both_gradients_equal_the_full_logits_loss(slicing, divisor):
     torch.manual_seed(0)
     hidden = torch.randn(3, 13, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
@@ -29,8 +30,10 @@ def test_loss_and_both_gradients_equal_the_full_logits_loss(slicing):
     targets[:, :4] = -100  # a loss mask: e.g. a prompt
     reference_hidden = hidden.detach().clone().requires_grad_()
     reference_weight = weight.detach().clone().requires_grad_()
-    loss = linear_cross_entropy(hidden, weight, targets)
-    reference = F.cross_entropy((reference_hidden @ reference_weight.T).flatten(0, 1), targets.flatten())
+    loss = linear_cross_entropy(hidden, weight, targets, divisor)
+    reference = F.cross_entropy((reference_hidden @ reference_weight.T).flatten(0, 1), targets.flatten(),
+                                reduction="mean" if divisor is None else "sum")
+    reference = reference if divisor is None else reference / divisor
     (2.5 * loss).backward()  # a scale, as gradient accumulation and the float16 scaler apply
     (2.5 * reference).backward()
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)

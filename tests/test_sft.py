@@ -187,8 +187,30 @@ def test_an_interrupted_fine_tuning_resumed_ends_equal_to_an_uninterrupted_one(b
     assert reference.step == 12
 
 
+def uneven(path: Path, count: int = 200) -> str:
+    """Conversations with replies of 2 and 27 tokens, so packed rows hold unequal numbers of reply
+    tokens: a mean per micro-batch or per process would weigh their tokens unequally."""
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"Count to {n}, {name}."},
+                                      {"role": "assistant", "content": " ".join(map(str, range(1, n + 1)))}]})
+             for name in range(count // 2) for n in (1, 12)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_accumulated_micro_batches_learn_every_reply_token_equally(base, tmp_path):
+    data = uneven(tmp_path / "counts.jsonl")
+    whole = train(*sft_configs(base, tmp_path / "whole", data=[data], max_steps=3, batch_size=4, grad_accum=1))
+    halves = train(*sft_configs(base, tmp_path / "halves", data=[data], max_steps=3, batch_size=2, grad_accum=2))
+    for (name, a), b in zip(load_model(whole.out_dir / "last").state_dict().items(),
+                            load_model(halves.out_dir / "last").state_dict().values()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-5), name
+    losses = [[json.loads(line)["loss"] for line in (run.out_dir / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for run in (whole, halves)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
 def test_two_processes_under_torchrun_fine_tune_like_one(base, tmp_path):
-    data = arithmetic(tmp_path / "sums.jsonl")
+    data = uneven(tmp_path / "counts.jsonl")
     settings = dict(data=[data], max_steps=4, eval_interval=4, log_interval=1)
     single = train(*sft_configs(base, tmp_path / "single", **settings))
     flags = {k: v for k, v in sft_configs(base, tmp_path, **settings)[1].__dict__.items()
@@ -205,13 +227,11 @@ def test_two_processes_under_torchrun_fine_tune_like_one(base, tmp_path):
     ours = {e["step"]: e["loss"] for e in events if "loss" in e}
     theirs = {e["step"]: e["loss"] for e in single_events if "loss" in e}
     assert sorted(ours) == sorted(theirs) == [1, 2, 3, 4]
-    # Each rank's loss is the mean over its own learned tokens, and DDP averages the ranks' means:
-    # with masks the ranks count different numbers of tokens, so the step's loss is close to one
-    # process's mean over all of them, not equal. Evaluation sums over all ranks: equal.
+    # The ranks hold unequal numbers of reply tokens; each token still counts once in the step's loss.
     for step in ours:
-        assert ours[step] == pytest.approx(theirs[step], abs=2e-2), step
+        assert ours[step] == pytest.approx(theirs[step], abs=1e-5), step
     val = [e["val_loss"] for e in events if "val_loss" in e]
-    assert val == [pytest.approx(single.best_val_loss, abs=2e-2)]
+    assert val == [pytest.approx(single.best_val_loss, abs=1e-5)]
 
 
 def test_lora_trains_only_the_adapters_and_the_merged_checkpoint_computes_the_peft_models_logits(base, tmp_path):

@@ -163,9 +163,9 @@ def test_gradient_accumulation_runs_that_many_micro_batches_per_step(shared, tmp
     calls = []
     original = CausalLMLoss.forward
 
-    def counting(self, x, y):
+    def counting(self, x, y, divisor=None):
         calls.append(tuple(x.shape))
-        return original(self, x, y)
+        return original(self, x, y, divisor)
 
     monkeypatch.setattr(CausalLMLoss, "forward", counting)
     result = train(*tiny(shared, tmp_path / "run", grad_accum=4, max_steps=3, log_interval=1,
@@ -210,7 +210,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shared, tmp
     train(*tiny(shared, out, max_steps=6, eval_interval=3, log_interval=3))
     weights = digest(out / "last" / "model.safetensors")
     original = CausalLMLoss.forward
-    monkeypatch.setattr(CausalLMLoss, "forward", lambda self, x, y: original(self, x, y) * math.nan)
+    monkeypatch.setattr(CausalLMLoss, "forward", lambda self, x, y, divisor: original(self, x, y, divisor) * math.nan)
     with pytest.raises(TrainingDiverged, match=r"loss nan by step 9; stopped without saving "
                                                r"\(the last good checkpoint, .*last, is untouched\)"):
         train(*resume_configs(out, {"max_steps": 12}), resume=True)
