@@ -85,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     result, info = evaluate_checkpoint(args.dir, args.data)
     print(f"checkpoint:   {info['checkpoint']}")
-    print(f"data:         {', '.join(info['sources'])} (validation split, windows of {info['seq_len']})")
+    print(f"data:         {', '.join(info['sources'])} ({info['split']})")
     print(f"loss:         {result.loss:.4f} nats/token")
     print(f"accuracy:     {result.accuracy:.2%}")
     print(f"perplexity:   {result.perplexity:.2f}")

@@ -14,7 +14,7 @@ import contextlib
 import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from qwen3.loss import loss_and_hits
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.runtime import autocast_for, resolve_device, resolve_dtype
 from qwen3.store import prepare
+from qwen3.tokenizer import load_tokenizer
 from qwen3.windows import eval_windows
 
 
@@ -118,25 +119,36 @@ def evaluate_checkpoint(path: str | Path, sources: list[str] | None = None, devi
     """Evaluate a checkpoint (or a run folder's best/) on the validation split of `sources`.
 
     The text is tokenized with the checkpoint's own tokenizer; `sources` default to the data the run
-    trained on (from its run.json), else the embedded corpus. Returns the result and a description
-    of what was evaluated.
+    trained on (from its run.json), else the embedded corpus. A chat fine-tuning run is scored as it
+    was trained: on the replies of its held-out conversations (`sources` are then conversation
+    files). Returns the result and a description of what was evaluated.
     """
     folder = find_checkpoint(path)
     run = run_config_of(folder)
     resolved = resolve_device(device)
     model = load_model(folder, device=resolved)
     seq_len = run.seq_len or model.config.max_position_embeddings
-    data = prepare(sources if sources is not None else run.data, tokenizer=str(folder),
-                   val_fraction=run.val_fraction, cache_dir=run.cache_dir, min_tokens=2, log=log)
-    if data.tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"{folder}: the tokenizer has {data.tokenizer.vocab_size} tokens but the model "
-                        f"only {model.config.vocab_size}")
+    vocab_size = load_tokenizer(folder).vocab_size
+    if vocab_size > model.config.vocab_size:
+        raise UserError(f"{folder}: the tokenizer has {vocab_size} tokens but the model only "
+                        f"{model.config.vocab_size}")
     try:  # the autocast training used; a float16 run evaluated on the CPU gets this device's own
         dtype = resolve_dtype(run.dtype, resolved)
     except UserError:
         dtype = resolve_dtype("auto", resolved)
-    result = evaluate(model, data.val_tokens, seq_len, run.batch_size, data.val_bytes, resolved,
-                      autocast_for(resolved, dtype))
-    info = {"checkpoint": str(folder), "sources": data.summary["sources"], "seq_len": seq_len,
+    autocast = autocast_for(resolved, dtype)
+    data_sources = sources if sources is not None else run.data
+    if run.stage == "sft":
+        from qwen3.sft import evaluate_conversations, prepare_conversations  # qwen3.sft imports this module
+
+        data = prepare_conversations(replace(run, data=data_sources), str(folder), seq_len, False, log)
+        result = evaluate_conversations(model, data, seq_len, run.batch_size, resolved, autocast)
+        split = f"held-out conversations, the replies' tokens, rows of {seq_len + 1}"
+    else:
+        data = prepare(data_sources, tokenizer=str(folder), val_fraction=run.val_fraction,
+                       cache_dir=run.cache_dir, min_tokens=2, log=log)
+        result = evaluate(model, data.val_tokens, seq_len, run.batch_size, data.val_bytes, resolved, autocast)
+        split = f"validation split, windows of {seq_len}"
+    info = {"checkpoint": str(folder), "sources": data.summary["sources"], "split": split, "seq_len": seq_len,
             "device": str(resolved), "autocast_dtype": str(dtype).removeprefix("torch.")}
     return result, info

@@ -209,6 +209,17 @@ def test_accumulated_micro_batches_learn_every_reply_token_equally(base, tmp_pat
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
+def test_qwen3_eval_scores_a_fine_tuned_run_on_its_held_out_replies(base, tmp_path, capsys):
+    result = train(*sft_configs(base, tmp_path / "run", data=[arithmetic(tmp_path / "sums.jsonl")], max_steps=4,
+                                eval_interval=4))
+    capsys.readouterr()
+    cli.main(["eval", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    assert "held-out conversations" in printed
+    assert f"loss:         {result.final_eval.loss:.4f} nats/token" in printed
+    assert f"tokens:       {result.final_eval.tokens:,}" in printed
+
+
 def test_two_processes_under_torchrun_fine_tune_like_one(base, tmp_path):
     data = uneven(tmp_path / "counts.jsonl")
     settings = dict(data=[data], max_steps=4, eval_interval=4, log_interval=1)
