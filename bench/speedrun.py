@@ -23,8 +23,11 @@ away stall at every OpenMP barrier, which distorts the ratio far more than one t
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import functools
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -39,15 +42,15 @@ from qwen3.config import ModelConfig, TrainConfig, apply_overrides, parse_set_ar
 from qwen3.errors import print_to_stderr
 from qwen3.runtime import autocast_for
 from qwen3.train import setup, train_step
+from qwen3.trainparts import prepare_text
 
 # What the speedrun preset changes from the seed recipe, by name: the fields each change sets. The
 # ablation undoes one change at a time (those fields back to the seed's values).
 CHANGES: dict[str, tuple[str, ...]] = {
-    "vocabulary 4,096": ("tokenizer_vocab_size",),
     "untied head": ("tie_word_embeddings",),
-    "learning rates": ("muon_lr", "adamw_lr"),
-    "batch 8 x 1": ("grad_accum",),
-    "schedule": ("warmup_steps", "min_lr_ratio", "max_steps"),
+    "learning rates x2": ("muon_lr", "adamw_lr"),
+    "8 x 1 windows per step": ("grad_accum", "max_steps"),
+    "warmup 20, decay to 0": ("warmup_steps", "min_lr_ratio"),
 }
 
 
@@ -136,6 +139,24 @@ def train_to_target(name: str, model_config: ModelConfig, train_config: TrainCon
     return run
 
 
+def race_one_seed(recipes: dict[str, tuple[str, dict[str, Any]]], data: list[str], evals: int,
+                  target: float | None, seed: int) -> list[Run]:
+    """Every recipe with one seed, in order; without a fixed `target` the first recipe (the
+    reference) is trained to its end and its final value is the others' target."""
+    runs = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for label, (name, overrides) in recipes.items():
+            out = Path(scratch) / f"{len(runs)}"
+            run = train_to_target(label, *recipe(name, overrides, data, seed, out), seed, evals, target)
+            if target is None:
+                target = run.target = run.final.bits_per_byte
+                reached = next(i for i, point in enumerate(run.curve) if point.bits_per_byte <= target)
+                run.seconds_to_target = crossing(run.curve[reached - 1] if reached else None,
+                                                 run.curve[reached], target)
+            runs.append(run)
+    return runs
+
+
 def median_or_none(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else statistics.median(values)
 
@@ -199,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidate", default="speedrun", help="the preset raced against it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change the candidate")
     parser.add_argument("--ablate", action="store_true", help="also the candidate with each of CHANGES undone")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds raced at once, each in its own process")
     parser.add_argument("--target", type=float, help="race to this bits per byte instead of the reference's")
     parser.add_argument("--evals", type=int, default=20, help="evaluations over a run's steps")
     parser.add_argument("--json", type=Path, help="write every run's curve and the table here")
@@ -210,19 +232,18 @@ def main(argv: list[str] | None = None) -> None:
         del recipes[args.reference]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; recipes: {', '.join(recipes)}",
           file=sys.stderr)
-    runs: list[Run] = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for seed in range(args.seeds):
-            target = args.target
-            for label, (name, overrides) in recipes.items():
-                out = Path(scratch) / f"{len(runs)}"
-                run = train_to_target(label, *recipe(name, overrides, args.data, seed, out), seed, args.evals, target)
-                if target is None:  # the reference: trained to its end; the others race its final value
-                    target = run.target = run.final.bits_per_byte
-                    reached = next(i for i, point in enumerate(run.curve) if point.bits_per_byte <= target)
-                    run.seconds_to_target = crossing(run.curve[reached - 1] if reached else None,
-                                                     run.curve[reached], target)
-                runs.append(run)
+    race = functools.partial(race_one_seed, recipes, args.data, args.evals, args.target)
+    if args.jobs > 1:  # seeds side by side, each in a process of its own, from a token store built once
+        for name, overrides in recipes.values():
+            model_config, train_config = recipe(name, overrides, args.data, 0, Path("unused"))
+            seq_len = train_config.seq_len or model_config.max_position_embeddings
+            prepare_text(train_config, train_config.tokenizer, seq_len, True, print_to_stderr)
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=torch.set_num_threads,
+                                                    initargs=(torch.get_num_threads(),)) as pool:
+            runs = [run for seed_runs in pool.map(race, range(args.seeds)) for run in seed_runs]
+    else:
+        runs = [run for seed in range(args.seeds) for run in race(seed)]
     rows = report(runs, runs[0].recipe)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

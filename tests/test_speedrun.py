@@ -21,8 +21,8 @@ def test_the_candidate_races_the_reference_to_its_final_bits_per_byte(tmp_path, 
     corpus = tmp_path / "genesis.txt"
     corpus.write_text("\n\n".join(kjv_books()[0].splitlines()[:400]), encoding="utf-8")
     speedrun.main(["--reference", "tiny", "--candidate", "tiny", "--set", "adamw_lr=1e-2", "--set", "max_steps=200",
-                   "--data", f"{corpus}:doc=paragraph", "--seeds", "2", "--evals", "10", "--json", "race.json",
-                   "--plot", "race.png"])
+                   "--data", f"{corpus}:doc=paragraph", "--seeds", "2", "--jobs", "2", "--evals", "10",
+                   "--json", "race.json", "--plot", "race.png"])
     record = json.loads(Path("race.json").read_text())
     reference = [run for run in record["runs"] if run["recipe"] == "tiny"]
     candidates = [run for run in record["runs"] if run["recipe"] != "tiny"]
