@@ -74,7 +74,7 @@ class Settings:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         tokenizer_vocab_size=512, seq_len=64, batch_size=16, grad_accum=1, max_steps=400, optimizer="adamw",
         adamw_lr=3e-3, warmup_steps=40, min_lr_ratio=0.0, grad_clip=0.0, eval_interval=400, log_interval=1,
-        device="cpu", dtype="float32"))
+        sample_interval=0, device="cpu", dtype="float32"))
     extrapolate: tuple[int, ...] = (1, 2, 4)  # evaluate RoPE/NoPE at these multiples of seq_len
     lrs: tuple[float, ...] = (3e-3, 1e-2)  # the stability check: the norm variants at a higher rate
     seeds: tuple[int, ...] = (0, 1, 2)  # every variant, the baseline included, runs each seed

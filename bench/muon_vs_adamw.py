@@ -51,7 +51,7 @@ def run(source: str, out: Path, optimizer: str, lr: float, steps: int, eval_ever
     values = dict(data=[source], cache_dir=cache_dir, out_dir=str(out), optimizer=optimizer,
                   max_steps=steps, eval_interval=eval_every, log_interval=10, seq_len=128,
                   max_position_embeddings=128, batch_size=8, grad_accum=1,
-                  warmup_steps=max(1, steps // 12), min_lr_ratio=0.1)
+                  warmup_steps=max(1, steps // 12), min_lr_ratio=0.1, sample_interval=0)
     values["muon_lr" if optimizer == "muon" else "adamw_lr"] = lr
     start = time.perf_counter()
     train(*apply_overrides(*preset("seed"), values))

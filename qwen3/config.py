@@ -164,6 +164,8 @@ class TrainConfig:
     # bookkeeping
     eval_interval: int = 100
     log_interval: int = 10
+    sample_interval: int = 100  # at evaluation steps that are multiples of it, and the last: samples; 0 = off
+    sample_prompts: list[str] = field(default_factory=list)  # empty: the stage's own (qwen3/samples.py)
     out_dir: str = "runs/seed"
     seed: int = 42
     dtype: str = "auto"  # auto, float32, bfloat16, float16
@@ -180,10 +182,12 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("seq_len", "warmup_steps", "lora_rank"):
+        for name in ("seq_len", "warmup_steps", "lora_rank", "sample_interval"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if isinstance(self.sample_prompts, str) or not all(isinstance(p, str) for p in self.sample_prompts):
+            raise ConfigError(f"sample_prompts must be a list of strings, got {self.sample_prompts!r}")
         if self.lora_alpha <= 0:
             raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha}")
         if self.lora_rank and not set(self.lora_targets) <= set(LORA_PROJECTIONS):
@@ -235,13 +239,13 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              max_position_embeddings=64, tie_word_embeddings=True),
         dict(tokenizer_vocab_size=512, batch_size=4, grad_accum=1, max_steps=100,
-             warmup_steps=10, eval_interval=50, log_interval=10, out_dir="runs/tiny"),
+             warmup_steps=10, eval_interval=50, log_interval=10, sample_interval=0, out_dir="runs/tiny"),
     ),
     # Chat fine-tuning (qwen3 sft DIR): the model is DIR's; AdamW at a fine-tuning learning rate.
     "sft": (
         {},
         dict(stage="sft", optimizer="adamw", adamw_lr=1e-3, batch_size=8, grad_accum=1, max_steps=300,
-             warmup_steps=20, eval_interval=50, log_interval=10, out_dir="runs/sft"),
+             warmup_steps=20, eval_interval=50, log_interval=10, sample_interval=50, out_dir="runs/sft"),
     ),
     # The real Qwen3-0.6B shape (needs a GPU to train in any reasonable time).
     "qwen3-0.6b": (

@@ -7,9 +7,9 @@ data and kept only a pickled final model. Here:
   processes share it); the learning rate warms up linearly, then follows a cosine to a floor;
 * mixed precision is autocast (bfloat16 where the device multiplies it natively, float16 with a
   gradient scaler on older GPUs, float32 otherwise) over float32 master weights;
-* evaluation scores the whole validation split every `eval_interval` steps and at the last step;
-  `OUT/best/` keeps the best checkpoint, `OUT/last/` the latest with everything a resume needs
-  (optimizers, step, RNG states, data position), both written atomically;
+* evaluation scores the whole validation split every `eval_interval` steps and at the last step, and
+  shows samples (qwen3/samples.py); `OUT/best/` keeps the best checkpoint, `OUT/last/` the latest with
+  everything a resume needs (optimizers, step, RNG states, data position), both written atomically;
 * `OUT/metrics.jsonl`, `OUT/run.json` and `OUT/loss.png` record the run (qwen3/runfiles.py);
 * Ctrl-C saves `last/` and stops; a non-finite loss stops the run without saving over `last/`.
 
@@ -55,6 +55,7 @@ from qwen3.runfiles import RunFiles
 from qwen3.runtime import (Distributed, autocast_for, cpu_name, graceful_stop, init_distributed, peak_flops,
                            rank_zero_first, resolve_dtype, rng_state, seed_everything, set_rng_state,
                            teardown_distributed, tune_malloc)
+from qwen3.samples import write_samples
 from qwen3.trainparts import (PRETRAINING, BatchLayout, BatchSource, CausalLMLoss, CompiledOrEager, DataStage,
                               ModelSource, Pending, batch_layout, data_stage, flops_per_token, loss_divisor,
                               lr_factor)
@@ -414,6 +415,7 @@ def evaluate_and_save(state: TrainState) -> EvalResult:
     state.best_val_loss = min(state.best_val_loss, result.loss)
     state.write_event({**result.metrics(), "lr": state.optimizers[0].param_groups[0]["lr"]})
     state.log(f"step {state.step}: validation {result.summary()}{' (best so far)' if improved else ''}")
+    write_samples(state)
     if improved and processes.is_main:
         save_model(state.model, state.out / "best", tokenizer=state.data.tokenizer)
     save_last(state)

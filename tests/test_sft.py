@@ -24,6 +24,7 @@ from qwen3.config import ModelConfig, apply_overrides, preset
 from qwen3.conversations import pack, read_conversations, render
 from qwen3.errors import UserError
 from qwen3.model import Qwen3ForCausalLM
+from qwen3.samples import STAGE_PROMPTS
 from qwen3.sources import kjv_books
 from qwen3.tokenizer import IM_END, train_tokenizer
 from qwen3.train import resume_configs, run, setup, train
@@ -243,6 +244,9 @@ def test_two_processes_under_torchrun_fine_tune_like_one(base, tmp_path):
         assert ours[step] == pytest.approx(theirs[step], abs=1e-5), step
     val = [e["val_loss"] for e in events if "val_loss" in e]
     assert val == [pytest.approx(single.best_val_loss, abs=1e-5)]
+    # Rank 0 alone sampled the stage's chat prompts at the last step; the others went on.
+    assert [(e["step"], [row["prompt"] for row in e["samples"]]) for e in events if "samples" in e] == [
+        (4, STAGE_PROMPTS["sft"])]
 
 
 def test_lora_trains_only_the_adapters_and_the_merged_checkpoint_computes_the_peft_models_logits(base, tmp_path):

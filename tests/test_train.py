@@ -244,6 +244,7 @@ def cli_error(capsys, argv: list[str]) -> str:
     (["--set", "bogus=1"], "unknown config key 'bogus'"),
     (["--set", "batch_size=many"], "batch_size: expected an integer, got 'many'"),
     (["--set", "warmup_steps=-3"], "warmup_steps must be a non-negative integer"),
+    (["--set", "sample_interval=-1"], "sample_interval must be a non-negative integer"),
     (["--set", "optimizer=sgd"], "optimizer must be 'muon' or 'adamw'"),
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--resume", "/nonexistent/run"], "/nonexistent/run: no such folder, nothing to resume"),
