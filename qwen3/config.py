@@ -166,6 +166,7 @@ class TrainConfig:
     log_interval: int = 10
     sample_interval: int = 100  # at evaluation steps that are multiples of it, and the last: samples; 0 = off
     sample_prompts: list[str] = field(default_factory=list)  # empty: the stage's own (qwen3/samples.py)
+    tensorboard: bool = False  # also write the events to OUT/tensorboard/ (pip install tensorboard)
     out_dir: str = "runs/seed"
     seed: int = 42
     dtype: str = "auto"  # auto, float32, bfloat16, float16

@@ -1,33 +1,44 @@
-"""The record of a training run beside its checkpoints: run.json, metrics.jsonl and loss.png.
+"""The record of a training run beside its checkpoints: run.json, metrics.jsonl, loss.png and, when
+asked for, TensorBoard event files.
 
     OUT/run.json        the resolved configuration and environment, written when the run starts
-    OUT/metrics.jsonl   one JSON object per log or evaluation event, appended as the run goes
+    OUT/metrics.jsonl   one JSON object per log, evaluation or samples event, appended as the run goes
     OUT/loss.png        training and validation loss against the step, redrawn at each evaluation
+    OUT/tensorboard/    with `tensorboard=true`, the same events as TensorBoard event files: each
+                        number a scalar under its metrics.jsonl key, the samples a text table
 
 Only the main process writes them; in the others every method does nothing, so the loop calls
-them without asking which process it is.
+them without asking which process it is. A resumed run cuts metrics.jsonl back to its step, and
+its TensorBoard writer purges the events after that step (`purge_step`), so neither shows the
+steps of the interrupted part twice.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from qwen3.atomic import remove_checkpoint
+from qwen3.errors import UserError
 
 
 class RunFiles:
     """The run folder's record files (written only when `enabled`: rank 0)."""
 
-    def __init__(self, out: Path, enabled: bool) -> None:
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool = False) -> None:
         self.out = out
         self.enabled = enabled
         self.metrics = out / "metrics.jsonl"
+        # Imported in every process, so that a missing package stops them all before training.
+        self.summary_writer = summary_writer_class() if tensorboard else None
+        self.tensorboard: Any = None  # the writer, opened by `start`
 
     def start(self, description: dict[str, Any], resumed_step: int | None) -> None:
         """run.json; metrics.jsonl cut back to the resumed step, or for a new run emptied (and the
-        checkpoints and plot of a finished earlier run in the same folder removed)."""
+        checkpoints, plot and event files of a finished earlier run in the same folder removed); the
+        TensorBoard writer, when asked for, opened."""
         if not self.enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -40,6 +51,10 @@ class RunFiles:
             for stale in ("best", "last"):
                 remove_checkpoint(self.out / stale)
             (self.out / "loss.png").unlink(missing_ok=True)
+            shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
+        if self.summary_writer is not None:
+            self.tensorboard = self.summary_writer(
+                str(self.out / "tensorboard"), purge_step=None if resumed_step is None else resumed_step + 1)
         run = {**description, "resumed_from_step": resumed_step}
         (self.out / "run.json").write_text(json.dumps(run, indent=2, default=str) + "\n", encoding="utf-8")
 
@@ -47,10 +62,45 @@ class RunFiles:
         if self.enabled:
             with open(self.metrics, "a", encoding="utf-8") as file:
                 file.write(json.dumps(event) + "\n")
+            if self.tensorboard is not None:
+                write_summaries(self.tensorboard, event)
 
     def plot(self) -> None:
         if self.enabled:
             plot_losses(self.metrics, self.out / "loss.png")
+
+
+def summary_writer_class() -> type:
+    """torch's TensorBoard SummaryWriter (it needs only the tensorboard package), or a UserError."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("tensorboard=true needs the tensorboard package: pip install tensorboard "
+                        "(or pip install -e '.[tensorboard]' in a clone)") from None
+    return SummaryWriter
+
+
+def write_summaries(writer: Any, event: dict[str, Any]) -> None:
+    """One metrics.jsonl event at its step: each number a scalar named by its key, each list of
+    records (the samples) a Markdown table; flushed, as metrics.jsonl is, so a reader sees it now."""
+    step = event["step"]
+    for key, value in event.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            writer.add_scalar(key, value, step)
+        elif isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+            writer.add_text(key, markdown_table(value), step)
+    writer.flush()
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Records with the same keys as a Markdown table (TensorBoard renders text summaries as Markdown)."""
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", "<br>")
+
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(column, "")) for column in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def plot_losses(metrics_file: Path, image: Path) -> None:

@@ -10,7 +10,7 @@ data and kept only a pickled final model. Here:
 * evaluation scores the whole validation split every `eval_interval` steps and at the last step, and
   shows samples (qwen3/samples.py); `OUT/best/` keeps the best checkpoint, `OUT/last/` the latest with
   everything a resume needs (optimizers, step, RNG states, data position), both written atomically;
-* `OUT/metrics.jsonl`, `OUT/run.json` and `OUT/loss.png` record the run (qwen3/runfiles.py);
+* `OUT/metrics.jsonl`, `OUT/run.json`, `OUT/loss.png` (and `OUT/tensorboard/`) record the run (runfiles.py);
 * Ctrl-C saves `last/` and stops; a non-finite loss stops the run without saving over `last/`.
 
 It reads as nanoGPT's loop does: `setup` builds the run's whole state (`TrainState`), `train_step`
@@ -150,6 +150,7 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
     layout = batch_layout(config.batch_size, config.grad_accum, seq_len, processes.world_size)
     tune_malloc()
     out = Path(config.out_dir)
+    files = RunFiles(out, processes.is_main, config.tensorboard)  # refuses a missing tensorboard now
     # A LoRA run resumes from the frozen base it started from plus its saved adapters.
     if saved is not None and not config.lora_rank:
         source = ModelSource(out / "last")
@@ -177,7 +178,7 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
         config, processes, autocast_dtype, layout, data, model, step_model, optimizers,
         torch.amp.GradScaler(processes.device.type, enabled=autocast_dtype == torch.float16),
         stage.batches(data, layout, config.seed, processes), Pending.zeros(processes.device),
-        RunFiles(out, processes.is_main),
+        files,
         config.peak_flops or peak_flops(processes.device, autocast_dtype),
         flops_per_token(model.config, layout.seq_len), [p for p in model.parameters() if p.requires_grad], stage)
     if saved is not None:
