@@ -103,17 +103,52 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_losses(metrics_file: Path, image: Path) -> None:
-    """Training and validation loss against the optimizer step, from metrics.jsonl, as a PNG."""
+def read_events(metrics_file: Path) -> list[dict[str, Any]]:
+    """The events of a metrics.jsonl. A last line without its newline is being written by a run in
+    progress and is left out; any other line that is not a JSON object is a UserError."""
+    text = metrics_file.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()
+    events = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{metrics_file} line {number} is not JSON ({error.msg}): {line[:80]!r}") from None
+        if not isinstance(event, dict) or not isinstance(event.get("step"), int):
+            raise UserError(f"{metrics_file} line {number} is not a metrics event (an object with a step): "
+                            f"{line[:80]!r}")
+        events.append(event)
+    return events
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot drawing to files only (the Agg backend: no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    events = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line]
+    return plt
+
+
+def save_png(fig: Any, image: Path) -> None:
+    """Write `fig` to `image` whole or not at all (a reader never sees half a PNG), and free it."""
+    temporary = image.with_name(f".{image.name}.tmp.png")
+    fig.savefig(temporary)
+    pyplot().close(fig)
+    temporary.replace(image)
+
+
+def plot_losses(metrics_file: Path, image: Path) -> None:
+    """Training and validation loss against the optimizer step, from metrics.jsonl, as a PNG."""
+    events = read_events(metrics_file)
     train = [(e["step"], e["loss"]) for e in events if "loss" in e]
     val = [(e["step"], e["val_loss"]) for e in events if "val_loss" in e]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=110)
     if train:
         ax.plot(*zip(*train), label="training (mean since the previous log step)", color="tab:blue")
     if val:
@@ -124,7 +159,5 @@ def plot_losses(metrics_file: Path, image: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    temporary = image.with_name(f".{image.name}.tmp.png")
-    fig.savefig(temporary)
-    plt.close(fig)
-    temporary.replace(image)
+    save_png(fig, image)
+
