@@ -2,7 +2,7 @@
 asked for, TensorBoard event files.
 
     OUT/run.json        the resolved configuration and environment, written when the run starts
-    OUT/metrics.jsonl   one JSON object per log, evaluation or samples event, appended as the run goes
+    OUT/metrics.jsonl   one JSON object per event (log, evaluation, samples, estimate), appended
     OUT/loss.png        training and validation loss against the step, redrawn at each evaluation
     OUT/tensorboard/    with `tensorboard=true`, the same events as TensorBoard event files: each
                         number a scalar under its metrics.jsonl key, the samples a text table
@@ -161,3 +161,13 @@ def plot_losses(metrics_file: Path, image: Path) -> None:
     fig.tight_layout()
     save_png(fig, image)
 
+
+def format_duration(seconds: float) -> str:
+    """A wall-clock as people read it: 0.0164 s, 8.21 s, 4 min 43 s, 2 h 05 min."""
+    if seconds < 59.5:
+        return f"{seconds:.3g} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"

@@ -50,6 +50,12 @@ class ConversationData:
                                       ("learned_tokens", int(packed.learned.sum())),
                                       ("dropped_too_long", packed.too_long))}}
 
+    @property
+    def eval_tokens(self) -> int:
+        """Tokens one evaluation passes through the model: every held-out row, padding included."""
+        rows, row_tokens = self.val.rows.shape
+        return rows * (row_tokens - 1)
+
     def describe(self) -> str:
         dropped = self.train.too_long + self.val.too_long
         return (f"conversations from {', '.join(self.sources)}: {self.train.conversations:,} training "

@@ -80,6 +80,11 @@ class PreparedData:
         return len(self.train_tokens) + len(self.val_tokens)
 
     @property
+    def eval_tokens(self) -> int:
+        """Tokens one evaluation passes through the model: the whole validation split."""
+        return len(self.val_tokens)
+
+    @property
     def bytes_per_token(self) -> float:
         return self.bytes / max(self.tokens - self.documents, 1)  # text tokens only, no separators
 

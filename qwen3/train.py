@@ -52,6 +52,7 @@ from qwen3.model import Qwen3ForCausalLM
 from qwen3.muon import build_optimizers
 from qwen3.resume import ResumePoint, refuse_unfinished, resume_configs, unfinished_run
 from qwen3.runfiles import RunFiles
+from qwen3.runplan import RunEstimate
 from qwen3.runtime import (Distributed, autocast_for, cpu_name, graceful_stop, init_distributed, peak_flops,
                            rank_zero_first, resolve_dtype, rng_state, seed_everything, set_rng_state,
                            teardown_distributed, tune_malloc)
@@ -278,13 +279,15 @@ def run(state: TrainState, should_stop: Callable[[int], bool] | None = None) -> 
               f"process{'es' if world > 1 else ''}, autocast {str(state.autocast_dtype).removeprefix('torch.')}), "
               f"{state.layout.tokens_per_step:,} tokens per step, steps {state.step + 1}..{config.max_steps} "
               f"-> {state.out}")
+    estimate = RunEstimate(state)  # logs the plan; after a few timed steps, the run's wall-clock
     # Into a file or a pipe (a log, CI) the bar is redrawn every 30 s rather than every step.
     bar = tqdm(total=config.max_steps, initial=state.step, unit="step", file=sys.stderr,
                disable=not state.processes.is_main, dynamic_ncols=True, desc="train",
                mininterval=0.1 if sys.stderr.isatty() else 30.0)
     with bar, graceful_stop(stop):
         while state.step < config.max_steps:
-            train_step(state)
+            with estimate.timing(state):
+                train_step(state)
             bar.update(1)
             last = state.step == config.max_steps
             log_now = state.step % config.log_interval == 0 or last

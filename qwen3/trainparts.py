@@ -178,8 +178,8 @@ class DataStage:
     """What a stage of training reads, draws its micro-batches from and is scored on.
 
     prepare(config, tokenizer, seq_len, progress, log) -> data: the training and held-out data
-    (`tokenizer`: what to tokenize with, a path, or "" to train one; `data.tokenizer` and
-    `data.summary` are what the loop reads of it);
+    (`tokenizer`: what to tokenize with, a path, or "" to train one; `data.tokenizer`,
+    `data.summary` and `data.eval_tokens` are what the loop reads of it);
     batches(data, layout, seed, processes) -> this process's BatchSource;
     evaluate(model, data, seq_len, batch_size, device, autocast, rank, world_size) -> the held-out
     metrics, the same on every rank."""
