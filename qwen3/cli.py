@@ -1,4 +1,4 @@
-"""The `qwen3` command line: prepare, train, sft, eval, generate, chat, serve, export.
+"""The `qwen3` command line: prepare, train, sft, eval, compare, generate, chat, serve, export.
 
 Each command parses its flags here and calls into the module that does the work; heavy imports
 happen inside the command so `qwen3 --help` is instant. A `UserError` is printed as one line on
@@ -91,6 +91,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"perplexity:   {result.perplexity:.2f}")
     print(f"bits/byte:    {result.bits_per_byte:.4f}")
     print(f"tokens:       {result.tokens:,}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from qwen3.compare import compare, table
+
+    summaries, _ = compare(args.runs, args.out)
+    print(table(summaries))
+    print(f"wrote {args.out}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -186,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("dir", metavar="DIR", help="checkpoint folder or run folder")
     evaluate.add_argument("--data", action="append", default=None, metavar="SRC")
     evaluate.set_defaults(handler=cmd_eval)
+
+    compare = commands.add_parser("compare", help="runs side by side: validation curves (PNG) and final metrics")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run folders (those still training too)")
+    compare.add_argument("--out", default="compare.png", metavar="FILE.png",
+                         help="the figure to write (default: compare.png here)")
+    compare.set_defaults(handler=cmd_compare)
 
     generate = commands.add_parser("generate", help="continue a prompt")
     generate.add_argument("dir", metavar="DIR", help="checkpoint folder or run folder")
