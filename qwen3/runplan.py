@@ -2,9 +2,10 @@
 
 The plan is what the configuration fixes: steps, training tokens, evaluations. The estimate comes
 from timing a few steps: the first step of the process is left out (it pays for allocations, and
-under torch.compile for compiling), then steps are timed until three are or five seconds have
-passed, whichever comes first, so that a tiny model is timed over a few steps and a large one
-whose step takes minutes after one. The device is synchronized around each timed step, since a GPU
+under torch.compile for compiling), then steps are timed until three are or thirty seconds have
+passed, whichever comes first: a tiny or seed-sized model is timed over three steps (one step
+alone varies several-fold where other work shares the CPU), and a large one whose step takes
+minutes after one. The device is synchronized around each timed step, since a GPU
 step otherwise returns when its kernels are queued, not when they have run.
 
     whole run = wall-clock so far + steps left x seconds per step + evaluations left x one evaluation
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from qwen3.train import TrainState
 
 TIMED_STEPS = 3          # steps timed after the warm-up step, at most ...
-TIMED_SECONDS = 5.0      # ... or fewer once their time reaches this
+TIMED_SECONDS = 30.0     # ... or fewer once their time reaches this
 FORWARD_SHARE = 1 / 3    # a forward pass's cost per token, as a share of a training step's
 
 
