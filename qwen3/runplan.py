@@ -63,8 +63,9 @@ class RunPlan:
 
 
 class RunEstimate:
-    """Times the first steps of `run` and, once they are timed, logs the estimated wall-clock of the
-    whole run and records it in metrics.jsonl (keys estimated_*)."""
+    """Logs what the run is (model, device, batch, steps) and its plan; times the first steps of
+    `run` and, once they are timed, logs the estimated wall-clock of the whole run and records it
+    in metrics.jsonl (keys estimated_*)."""
 
     def __init__(self, state: TrainState) -> None:
         config = state.config
@@ -72,6 +73,10 @@ class RunEstimate:
                             config.eval_interval, state.data.eval_tokens)
         self.timed_steps, self.timed_seconds = 0, 0.0
         self.done = self.plan.steps < 2  # no step to time after the warm-up
+        world, autocast = state.processes.world_size, str(state.autocast_dtype).removeprefix("torch.")
+        state.log(f"training {state.model.num_parameters():,} parameters on {state.device} ({world} "
+                  f"process{'es' if world > 1 else ''}, autocast {autocast}), {state.layout.tokens_per_step:,} "
+                  f"tokens per step, steps {state.step + 1}..{config.max_steps} -> {state.out}")
         state.log(self.plan.describe())
 
     @contextlib.contextmanager

@@ -274,12 +274,7 @@ def run(state: TrainState, should_stop: Callable[[int], bool] | None = None) -> 
     config = state.config
     stop = threading.Event()
     final: EvalResult | None = None
-    world = state.processes.world_size
-    state.log(f"training {state.model.num_parameters():,} parameters on {state.device} ({world} "
-              f"process{'es' if world > 1 else ''}, autocast {str(state.autocast_dtype).removeprefix('torch.')}), "
-              f"{state.layout.tokens_per_step:,} tokens per step, steps {state.step + 1}..{config.max_steps} "
-              f"-> {state.out}")
-    estimate = RunEstimate(state)  # logs the plan; after a few timed steps, the run's wall-clock
+    estimate = RunEstimate(state)  # logs what the run is; after a few timed steps, its wall-clock
     # Into a file or a pipe (a log, CI) the bar is redrawn every 30 s rather than every step.
     bar = tqdm(total=config.max_steps, initial=state.step, unit="step", file=sys.stderr,
                disable=not state.processes.is_main, dynamic_ncols=True, desc="train",
