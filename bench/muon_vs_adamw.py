@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from qwen3.config import apply_overrides, preset
+from qwen3.runfiles import pyplot, save_png
 from qwen3.sources import kjv_books
 from qwen3.train import train
 
@@ -78,12 +79,7 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
 
 
 def plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=110)
     for label, curve in curves.items():
         ax.plot(*zip(*curve), "o-", markersize=3, label=label)
     ax.set_xlabel("optimizer step (8 x 128 tokens)")
@@ -93,8 +89,7 @@ def plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ import torch
 
 from qwen3.config import ModelConfig, TrainConfig, apply_overrides, parse_set_arguments, preset
 from qwen3.errors import print_to_stderr
+from qwen3.runfiles import pyplot, save_png
 from qwen3.runtime import autocast_for
 from qwen3.train import setup, train_step
 from qwen3.trainparts import prepare_text
@@ -188,12 +189,7 @@ def report(runs: list[Run], reference: str) -> list[dict[str, Any]]:
 
 def plot(runs: list[Run], image: Path) -> None:
     """Bits per byte against training wall-clock, one line per run, the targets dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    fig, ax = pyplot().subplots(figsize=(7.5, 4.5), dpi=110)
     colors = {}
     for run in runs:
         color = colors.setdefault(run.recipe, f"C{len(colors)}")
@@ -208,8 +204,7 @@ def plot(runs: list[Run], image: Path) -> None:
     ax.legend()
     fig.tight_layout()
     image.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(image)
-    plt.close(fig)
+    save_png(fig, image)
 
 
 def main(argv: list[str] | None = None) -> None:
