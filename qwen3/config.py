@@ -156,6 +156,8 @@ class TrainConfig:
     optimizer: str = "muon"  # "muon" (Muon on hidden matrices + AdamW on the rest) or "adamw"
     muon_lr: float = 0.01
     adamw_lr: float = 3e-3
+    embedding_lr: float = 0.0  # AdamW's peak LR for the input embedding; 0: adamw_lr
+    muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to 0.95; 0: none
     weight_decay: float = 0.0
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 50
@@ -183,7 +185,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("seq_len", "warmup_steps", "lora_rank", "sample_interval"):
+        for name in ("seq_len", "warmup_steps", "lora_rank", "sample_interval", "muon_momentum_warmup"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
@@ -198,7 +200,7 @@ class TrainConfig:
         for name in ("muon_lr", "adamw_lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "peak_flops"):
+        for name in ("weight_decay", "grad_clip", "peak_flops", "embedding_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -58,8 +58,8 @@ from qwen3.runtime import (Distributed, autocast_for, cpu_name, graceful_stop, i
                            teardown_distributed, tune_malloc)
 from qwen3.samples import write_samples
 from qwen3.trainparts import (PRETRAINING, BatchLayout, BatchSource, CausalLMLoss, CompiledOrEager, DataStage,
-                              ModelSource, Pending, batch_layout, data_stage, flops_per_token, loss_divisor,
-                              lr_factor)
+                              ModelSource, Pending, apply_schedule, batch_layout, data_stage, flops_per_token,
+                              loss_divisor, lr_factor)
 
 # The training API in one place (the resume helpers and the loop's pieces live in their own modules).
 __all__ = ["BatchSource", "CausalLMLoss", "ModelSource", "RunResult", "TrainState", "TrainingDiverged",
@@ -172,8 +172,8 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
     model = source.build(model_config, data.tokenizer, processes.device)
     if config.lora_rank:
         model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
-    optimizers = build_optimizers(model, config.optimizer, config.muon_lr, config.adamw_lr,
-                                  config.weight_decay, tuple(config.adamw_betas))
+    optimizers = build_optimizers(model, config.optimizer, config.muon_lr, config.adamw_lr, config.weight_decay,
+                                  tuple(config.adamw_betas), config.embedding_lr or None)
     step_model = wrap_step_model(CausalLMLoss(model), config.compile, processes, say)
     state = TrainState(
         config, processes, autocast_dtype, layout, data, model, step_model, optimizers,
@@ -308,10 +308,7 @@ def train_step(state: TrainState) -> None:
     config, micro_steps, device = state.config, state.layout.micro_steps, state.device
     start = time.perf_counter()
     step = state.step + 1
-    factor = lr_factor(step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
-    for optimizer in state.optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
+    apply_schedule(state.optimizers, step, config)
     micro_batches = [next(state.batches) for _ in range(micro_steps)]
     divisor = loss_divisor(micro_batches, state.processes)
     for micro, batch in enumerate(micro_batches):

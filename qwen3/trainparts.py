@@ -43,6 +43,23 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+# Muon's momentum under `muon_momentum_warmup`: from this value at step 1 up to Muon's own (0.95).
+MUON_MOMENTUM_START = 0.85
+
+
+def apply_schedule(optimizers: list[torch.optim.Optimizer], step: int, config: TrainConfig) -> None:
+    """Set every group's learning rate for optimizer step `step` (1-based) and, with a momentum
+    warmup, Muon's momentum: linear from MUON_MOMENTUM_START to its peak over the warmup's steps."""
+    factor = lr_factor(step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+    rise = min(1.0, (step - 1) / config.muon_momentum_warmup) if config.muon_momentum_warmup else 1.0
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+            if "initial_momentum" in group:
+                peak = group["initial_momentum"]
+                group["momentum"] = MUON_MOMENTUM_START + (peak - MUON_MOMENTUM_START) * rise
+
+
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 per weight of every matmul (2 forward, 4 backward), plus the
     attention scores and weighted sums, 12 * layers * heads * head_dim * seq_len (PaLM, appendix B;

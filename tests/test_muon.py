@@ -138,3 +138,22 @@ def test_build_optimizers_records_peak_learning_rates():
     assert all(g["initial_lr"] == 0.02 for g in muon.param_groups)
     (only,) = build_optimizers(model, "adamw", adamw_lr=0.001)
     assert sum(len(g["params"]) for g in only.param_groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_lr_gives_the_input_embedding_a_group_of_its_own(optimizer, tied):
+    model = Qwen3ForCausalLM(ModelConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=16, tie_word_embeddings=tied))
+    adamw = build_optimizers(model, optimizer, adamw_lr=0.001, embedding_lr=0.05)[-1]
+    groups = adamw.param_groups
+    embedding = model.model.embed_tokens.weight
+    (own,) = [g for g in groups if any(p is embedding for p in g["params"])]
+    assert own["params"] == [embedding] and own["lr"] == own["initial_lr"] == 0.05
+    assert all(g["initial_lr"] == 0.001 for g in groups if g is not own)
+    everything = [p for opt in build_optimizers(model, optimizer, embedding_lr=0.05) for g in opt.param_groups
+                  for p in g["params"]]
+    assert len({id(p) for p in everything}) == len(everything) == len(list(model.parameters()))
+    plain = build_optimizers(model, optimizer, adamw_lr=0.001)[-1]
+    assert all(g["initial_lr"] == 0.001 for g in plain.param_groups)

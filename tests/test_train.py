@@ -27,8 +27,10 @@ from qwen3.checkpoint import load_model, load_trainer_state
 from qwen3.config import apply_overrides, preset
 from qwen3.errors import UserError
 from qwen3.model import Qwen3ForCausalLM
+from qwen3.muon import build_optimizers
 from qwen3.runtime import tune_malloc
 from qwen3.train import CausalLMLoss, TrainingDiverged, flops_per_token, lr_factor, resume_configs, train
+from qwen3.trainparts import apply_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,6 +159,22 @@ def test_lr_schedule_reaches_the_warmup_peak_and_the_cosine_floor(reference_run)
     muon_lr = preset("tiny")[1].muon_lr
     assert lrs[10] == pytest.approx(muon_lr)
     assert lrs[40] == pytest.approx(0.1 * muon_lr)
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_muon_momentum_warmup_rises_linearly_to_muons_own(warmup):
+    model = Qwen3ForCausalLM(preset("tiny")[0])
+    optimizers = build_optimizers(model, "muon", muon_lr=0.02, adamw_lr=1e-3)
+    config = apply_overrides(*preset("tiny"), {"muon_momentum_warmup": warmup, "warmup_steps": 2,
+                                               "max_steps": 10})[1]
+    momenta = []
+    for step in range(1, 8):
+        apply_schedule(optimizers, step, config)
+        momenta.append(optimizers[0].param_groups[0]["momentum"])
+        assert optimizers[0].param_groups[0]["lr"] == pytest.approx(0.02 * lr_factor(step, 2, 10, 0.1))
+        assert "momentum" not in optimizers[1].param_groups[0]  # AdamW's betas stay as they are
+    expected = [0.95] * 7 if not warmup else [0.85, 0.875, 0.9, 0.925, 0.95, 0.95, 0.95]
+    assert momenta == pytest.approx(expected)
 
 
 def test_gradient_accumulation_runs_that_many_micro_batches_per_step(shared, tmp_path, monkeypatch):
