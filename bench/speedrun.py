@@ -50,8 +50,11 @@ from qwen3.trainparts import prepare_text
 CHANGES: dict[str, tuple[str, ...]] = {
     "untied head": ("tie_word_embeddings",),
     "learning rates x2": ("muon_lr", "adamw_lr"),
+    "embedding LR 0.09": ("embedding_lr",),
+    "Muon momentum warmup": ("muon_momentum_warmup",),
     "8 x 1 windows per step": ("grad_accum", "max_steps"),
     "warmup 20, decay to 0": ("warmup_steps", "min_lr_ratio"),
+    "torch.compile": ("compile",),
 }
 
 
@@ -188,8 +191,11 @@ def report(runs: list[Run], reference: str) -> list[dict[str, Any]]:
 
 
 def plot(runs: list[Run], image: Path) -> None:
-    """Bits per byte against training wall-clock, one line per run, the targets dashed."""
+    """Bits per byte against training wall-clock, one line per run of the reference and the
+    candidate (an ablation's recipes are in the table, not drawn), the targets dashed."""
     fig, ax = pyplot().subplots(figsize=(7.5, 4.5), dpi=110)
+    drawn = list(dict.fromkeys(run.recipe for run in runs))[:2]
+    runs = [run for run in runs if run.recipe in drawn]
     colors = {}
     for run in runs:
         color = colors.setdefault(run.recipe, f"C{len(colors)}")

@@ -55,3 +55,5 @@ def test_each_ablation_sets_its_fields_back_to_the_reference_and_nothing_else():
     speedrun_values = {**vars(speedrun_model), **vars(speedrun_train)}
     for names in speedrun.CHANGES.values():  # every change is one the preset makes
         assert any(speedrun_values[field] != seed_values[field] for field in names), names
+    changed = {field for field in seed_values if speedrun_values[field] != seed_values[field]}
+    assert changed - {"out_dir"} <= {field for names in speedrun.CHANGES.values() for field in names}
