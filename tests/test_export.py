@@ -241,8 +241,10 @@ def test_llama_cpp_perplexity_matches_ours(llama_cpp, trained, tmp_path, kind, t
     text = "\n\n".join(kjv_books()[-1].split("\n\n")[:40])  # held-out text (the last book)
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
     final = re.compile(rb"Final estimate: PPL = ([\d.]+)")
+    # --no-repack: on CPUs with AMX, llama.cpp's repacked AMX int8 kernels crash (SIGSEGV) on this
+    # model's q8_0 matrices; the plain CPU kernels compute the same perplexity.
     completed = run_llama_tool([str(llama_cpp / "llama-perplexity"), "-m", str(model), "-f", str(tmp_path / "text.txt"),
-                                "-c", "64", "-b", "64"], lambda done: final.search(done.stderr + done.stdout))
+                                "-c", "64", "-b", "64", "--no-repack"], lambda done: final.search(done.stderr + done.stdout))
     theirs = float(final.search(completed.stderr + completed.stdout).group(1))
     ours = ours_perplexity(trained, load_tokenizer(trained).encode(text), 64)
     assert abs(theirs / ours - 1) < tolerance, (theirs, ours)
