@@ -151,9 +151,9 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 def build_optimizers(model: nn.Module, optimizer: str = "muon", muon_lr: float = 0.01,
                      adamw_lr: float = 3e-3, weight_decay: float = 0.0,
                      betas: tuple[float, float] = (0.9, 0.95),
-                     embedding_lr: float | None = None) -> list[torch.optim.Optimizer]:
+                     embedding_lr: float = 0.0) -> list[torch.optim.Optimizer]:
     """Muon on hidden matrices plus AdamW on the rest, or AdamW on everything ("adamw"); with
-    `embedding_lr` the input embedding (tied or not) is a group of its own at that learning rate.
+    `embedding_lr` > 0 the input embedding (tied or not) is a group of its own at that learning rate.
 
     Each param group records its peak learning rate under "initial_lr" (and Muon's its momentum
     under "initial_momentum") for the schedule.
@@ -163,11 +163,11 @@ def build_optimizers(model: nn.Module, optimizer: str = "muon", muon_lr: float =
     # step against ~9.5 ms for the per-parameter loop and the foreach version.
     fused = next(model.parameters()).device.type in ("cpu", "cuda") or None
     embedding = next((p for name, p in model.named_parameters() if name.endswith("embed_tokens.weight")), None)
-    own_group = embedding_lr is not None and any(p is embedding for p in decay)
-    adamw_groups = [dict(params=[p for p in decay if not (own_group and p is embedding)], weight_decay=weight_decay),
-                    dict(params=no_decay, weight_decay=0.0)]
-    if own_group:
-        adamw_groups.append(dict(params=[embedding], weight_decay=weight_decay, lr=embedding_lr))
+    embedding_group = [embedding] if embedding_lr and any(p is embedding for p in decay) else []
+    adamw_groups = [dict(params=[p for p in decay if not any(p is e for e in embedding_group)],
+                         weight_decay=weight_decay),
+                    dict(params=no_decay, weight_decay=0.0),
+                    dict(params=embedding_group, weight_decay=weight_decay, lr=embedding_lr)]
     optimizers: list[torch.optim.Optimizer] = []
     if optimizer == "muon":
         optimizers.append(Muon(muon_params, lr=muon_lr, weight_decay=weight_decay))

@@ -173,7 +173,7 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
     if config.lora_rank:
         model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
     optimizers = build_optimizers(model, config.optimizer, config.muon_lr, config.adamw_lr, config.weight_decay,
-                                  tuple(config.adamw_betas), config.embedding_lr or None)
+                                  tuple(config.adamw_betas), config.embedding_lr)
     step_model = wrap_step_model(CausalLMLoss(model), config.compile, processes, say)
     state = TrainState(
         config, processes, autocast_dtype, layout, data, model, step_model, optimizers,
@@ -207,11 +207,15 @@ def restore(state: TrainState, saved: dict[str, Any]) -> None:
     if saved_optimizer != state.config.optimizer:
         raise UserError(f"the run was trained with optimizer {saved_optimizer!r}; it cannot "
                         f"change to {state.config.optimizer!r} when resuming")
+    if bool(saved["train_config"].get("embedding_lr")) != bool(state.config.embedding_lr):
+        raise UserError("embedding_lr gives the embedding an optimizer group of its own: it cannot be turned "
+                        "on or off when resuming (its value may change)")
     for optimizer, saved_optimizer_state in zip(state.optimizers, saved["optimizers"]):
-        peaks = [group["initial_lr"] for group in optimizer.param_groups]
+        peaks = [{key: group[key] for key in ("initial_lr", "initial_momentum") if key in group}
+                 for group in optimizer.param_groups]
         optimizer.load_state_dict(saved_optimizer_state)
-        for group, peak in zip(optimizer.param_groups, peaks):  # the current config's peak LRs
-            group["initial_lr"] = peak
+        for group, peak in zip(optimizer.param_groups, peaks):  # the current config's peaks
+            group.update(peak)
     state.scaler.load_state_dict(saved["scaler"])
     state.step = saved["step"]
     state.best_val_loss = saved["best_val_loss"]

@@ -221,6 +221,8 @@ def test_resume_may_extend_the_run_but_not_change_the_model(reference_run):
         resume_configs(out, {"hidden_size": "32"})
     with pytest.raises(UserError, match="optimizer 'muon'; it cannot change to 'adamw'"):
         train(*resume_configs(out, {"optimizer": "adamw"}), resume=True)
+    with pytest.raises(UserError, match="embedding_lr .* cannot be turned on or off when resuming"):
+        train(*resume_configs(out, {"embedding_lr": "0.05"}), resume=True)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shared, tmp_path, monkeypatch):
