@@ -162,8 +162,10 @@ def trained(tmp_path_factory) -> Path:
 
 def run_llama_tool(command: list[str], complete: Callable[[subprocess.CompletedProcess], bool]):
     """Run a llama.cpp tool until its output is complete. Its output goes through llama.cpp's
-    asynchronous log, which now and then loses everything at exit (2 runs of 30 here, exit code 0,
-    nothing after start-up): such a run is repeated, up to five times."""
+    asynchronous log, whose writer thread is not flushed at exit: when the tool's compute threads
+    hold every core the writer falls behind and the output is lost (exit code 0, nothing after
+    start-up; 15 runs of 50 on two cores with the default threads). The tools that compute run with
+    one thread (`-t 1`, 1 run of 200 lost) and a lost run is repeated, up to five times."""
     for _ in range(5):
         completed = subprocess.run(command, capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
         assert completed.returncode == 0, completed.stderr[-3000:]
@@ -178,8 +180,8 @@ def llama_greedy(binaries: Path, model: Path, prompt: str, tokens: int) -> str:
     fall the same way. A random model may emit single bytes that are not UTF-8 on their own: decoded
     with replacement characters, as our tokenizer decodes them."""
     completed = run_llama_tool(
-        [str(binaries / "llama-completion"), "-m", str(model), "-p", prompt, "-n", str(tokens), "-no-cnv", "--temp",
-         "0", "-ctk", "f32", "-ctv", "f32", "-fa", "off", "--simple-io", "--no-display-prompt"],
+        [str(binaries / "llama-completion"), "-m", str(model), "-p", prompt, "-n", str(tokens), "-t", "1", "-no-cnv",
+         "--temp", "0", "-ctk", "f32", "-ctv", "f32", "-fa", "off", "--simple-io", "--no-display-prompt"],
         lambda done: done.stdout.endswith(b"\n\n"))  # the blank line it always prints last
     text = completed.stdout.decode("utf-8", errors="replace").removesuffix("\n\n")
     return text.removesuffix(" [end of text]\n")  # printed when an end-of-generation token came
@@ -243,8 +245,9 @@ def test_llama_cpp_perplexity_matches_ours(llama_cpp, trained, tmp_path, kind, t
     final = re.compile(rb"Final estimate: PPL = ([\d.]+)")
     # --no-repack: on CPUs with AMX, llama.cpp's repacked AMX int8 kernels crash (SIGSEGV) on this
     # model's q8_0 matrices; the plain CPU kernels compute the same perplexity.
-    completed = run_llama_tool([str(llama_cpp / "llama-perplexity"), "-m", str(model), "-f", str(tmp_path / "text.txt"),
-                                "-c", "64", "-b", "64", "--no-repack"], lambda done: final.search(done.stderr + done.stdout))
+    command = [str(llama_cpp / "llama-perplexity"), "-m", str(model), "-f", str(tmp_path / "text.txt"), "-c", "64",
+               "-b", "64", "-t", "1", "--no-repack"]
+    completed = run_llama_tool(command, lambda done: final.search(done.stderr + done.stdout))
     theirs = float(final.search(completed.stderr + completed.stdout).group(1))
     ours = ours_perplexity(trained, load_tokenizer(trained).encode(text), 64)
     assert abs(theirs / ours - 1) < tolerance, (theirs, ours)
