@@ -10,7 +10,7 @@ import sys
 
 
 def main() -> None:
-    from qwen3.chat import default_chat_run
+    from qwen3.infer.chat import default_chat_run
 
     run = default_chat_run()
     if not any((run / name / "config.json").is_file() for name in ("best", "last")):

@@ -27,7 +27,7 @@ def train_seed() -> bool:
     from pathlib import Path
 
     from qwen3.config import preset
-    from qwen3.train import resume_configs, train, unfinished_run
+    from qwen3.train.loop import resume_configs, train, unfinished_run
 
     model_config, train_config = preset("seed")
     out = Path(train_config.out_dir)
@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     try:
-        from qwen3.chat import DEFAULT_RUN, default_chat_run, run_chat, run_demo
+        from qwen3.infer.chat import DEFAULT_RUN, default_chat_run, run_chat, run_demo
 
         if command == "train":
             if not train_seed():

@@ -2,11 +2,11 @@
 
 The seed (the teaching document this project grew from) asserts, without measuring, that
 grouped-query attention, RMSNorm, SwiGLU, RoPE, weight tying and pre-norm each help; docs/README.md
-quotes each claim beside what this script measured on qwen3.model. A variant is our
+quotes each claim beside what this script measured on qwen3.model.decoder. A variant is our
 Qwen3ForCausalLM with one config field changed or one module swapped (bench/claims_variants.py);
-every variant is trained by the project's loop (qwen3.train: `setup` with the variant as its model
+every variant is trained by the project's loop (qwen3.train.loop: `setup` with the variant as its model
 source, then `run`) with the same small budget on the embedded King James Bible, and scored at its
-last step by qwen3.evaluate. Where speed is claimed, the code is timed.
+last step by qwen3.train.evaluate. Where speed is claimed, the code is timed.
 
     python bench/claims.py                 # every claim: 12 minutes on one quiet CPU thread
     python bench/claims.py gqa rope        # only some
@@ -45,13 +45,13 @@ from torch import nn
 
 from qwen3.config import ModelConfig, TrainConfig, preset
 from qwen3.errors import print_to_stderr
-from qwen3.model import Attention, KVCache, Qwen3ForCausalLM, RMSNorm
-from qwen3.muon import NS_COEFFICIENTS, newton_schulz
+from qwen3.model.decoder import Attention, KVCache, Qwen3ForCausalLM, RMSNorm
+from qwen3.train.muon import NS_COEFFICIENTS, newton_schulz
 from qwen3.runtime import peak_flops, tune_malloc
-from qwen3.store import PreparedData
-from qwen3.train import CausalLMLoss, ModelSource, run, setup
-from qwen3.trainparts import prepare_text
-from qwen3.windows import RandomWindows, eval_windows
+from qwen3.data.store import PreparedData
+from qwen3.train.loop import CausalLMLoss, ModelSource, run, setup
+from qwen3.train.parts import prepare_text
+from qwen3.data.windows import RandomWindows, eval_windows
 
 from claims_variants import VariantSource  # bench/, beside this script
 
@@ -104,7 +104,7 @@ class Settings:
 class Run:
     model: Qwen3ForCausalLM
     train_loss: list[float]   # per optimizer step, from the run's metrics.jsonl
-    val_loss: float           # qwen3.evaluate at the last step: every validation token once
+    val_loss: float           # qwen3.train.evaluate at the last step: every validation token once
     seconds: float            # set-up, training and that evaluation
 
 
@@ -301,7 +301,7 @@ def claim_gqa(runs: Runs) -> dict[str, Any]:
 def claim_norm(runs: Runs) -> dict[str, Any]:
     s = runs.settings
     norms: dict[str, Callable[[int], nn.Module]] = {
-        "RMSNorm (ours, qwen3.model)": lambda width: RMSNorm(width),
+        "RMSNorm (ours, qwen3.model.decoder)": lambda width: RMSNorm(width),
         "RMSNorm (torch.nn.RMSNorm)": lambda width: nn.RMSNorm(width, eps=1e-6),
         "LayerNorm (torch.nn.LayerNorm)": lambda width: nn.LayerNorm(width, eps=1e-6),
     }

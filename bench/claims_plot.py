@@ -209,7 +209,7 @@ def draw_muon(entry: dict[str, Any]) -> plt.Figure:
         ranks = np.arange(1, len(spectrum["newton_schulz_sv"]) + 1)
         ax_sv.plot(ranks, spectrum["gradient_sv_over_max"], color=f"C{i}", linestyle=":",
                    label=f"{name} gradient {tuple(spectrum['shape'])} (/ its largest)")
-        ax_sv.plot(ranks, spectrum["newton_schulz_sv"], color=f"C{i}", label=f"{name} after qwen3.muon.newton_schulz")
+        ax_sv.plot(ranks, spectrum["newton_schulz_sv"], color=f"C{i}", label=f"{name} after qwen3.train.muon.newton_schulz")
     ax_sv.set_yscale("log")
     ax_sv.set_title("Singular values of a real gradient (first batch, fresh model)")
     ax_sv.set_xlabel("singular value index (largest first)")

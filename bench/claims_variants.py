@@ -3,7 +3,7 @@ config field changed (key/value heads, an untied head) or one module swapped aft
 (LayerNorm for RMSNorm, a GELU MLP of equal parameter count, rotary tables set to the identity,
 learned absolute positions, post-norm blocks).
 
-`VariantSource` is how a variant enters the training loop: qwen3.train's `setup` takes it as the
+`VariantSource` is how a variant enters the training loop: qwen3.train.loop's `setup` takes it as the
 run's model source, and builds the model under the seed it has just set. A module swap happens
 after the whole model is initialized, so with the same seed a module-swap variant starts from the
 baseline's weights for every module it keeps; a config change reshapes the random draws (fewer
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3.config import ModelConfig
-from qwen3.model import DecoderLayer, KVCache, Qwen3ForCausalLM, RMSNorm
-from qwen3.tokenizer import Tokenizer
-from qwen3.train import ModelSource
+from qwen3.model.decoder import DecoderLayer, KVCache, Qwen3ForCausalLM, RMSNorm
+from qwen3.data.tokenizer import Tokenizer
+from qwen3.train.loop import ModelSource
 
 
 class GeluMLP(nn.Module):

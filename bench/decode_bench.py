@@ -1,4 +1,4 @@
-"""Decoding speed of qwen3.engine against transformers' `generate`, and what int8 costs.
+"""Decoding speed of qwen3.infer.engine against transformers' `generate`, and what int8 costs.
 
 Both run the same checkpoint folder on the same device in one process, interleaved repeat by repeat,
 and every ratio compares numbers from this run. Each figure is the median of --repeats runs.
@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 import transformers
 
-from qwen3.checkpoint import find_checkpoint, load_model, save_model
+from qwen3.model.checkpoint import find_checkpoint, load_model, save_model
 from qwen3.config import ModelConfig
-from qwen3.engine import Engine, quantize_int8
-from qwen3.model import Qwen3ForCausalLM
+from qwen3.infer.engine import Engine, quantize_int8
+from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.runtime import resolve_device
-from qwen3.sampling import SamplingParams
-from qwen3.tokenizer import load_tokenizer, train_tokenizer
+from qwen3.infer.sampling import SamplingParams
+from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
 
 # Public-domain text (Genesis 1:1-8, King James Version) for the perplexity comparison.
 TEXT = """In the beginning God created the heaven and the earth. And the earth was without form, and

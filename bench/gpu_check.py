@@ -8,7 +8,7 @@ with tiny shapes (`--reduced`, what the test suite does) so that it cannot rot b
              MFU against the device's peak, peak memory; transformers' Qwen3ForCausalLM side by side
     loop     `qwen3 train --preset tiny` end to end on the device; with more than one GPU also under
              torchrun on all of them (DDP over NCCL), whose logged losses must equal one process's
-    decode   greedy decoding with qwen3.engine at batch 1 and 16, eager and compiled, against
+    decode   greedy decoding with qwen3.infer.engine at batch 1 and 16, eager and compiled, against
              transformers' generate (bench/decode_bench.py's measurement)
     serve    `qwen3 serve` with 16 streaming clients (bench/serve_bench.py's clients): aggregate
              tokens/s, all answered 200
@@ -40,11 +40,11 @@ import decode_bench
 import serve_bench
 import train_throughput
 from qwen3.config import ModelConfig, preset
-from qwen3.model import Qwen3ForCausalLM
-from qwen3.muon import build_optimizers
+from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.train.muon import build_optimizers
 from qwen3.runtime import (init_distributed, peak_flops, peak_rss_mb, resolve_device, resolve_dtype,
                            synchronize)
-from qwen3.train import CausalLMLoss, flops_per_token, wrap_step_model
+from qwen3.train.loop import CausalLMLoss, flops_per_token, wrap_step_model
 
 SECTIONS = ("train", "loop", "decode", "serve")
 

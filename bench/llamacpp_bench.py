@@ -26,9 +26,9 @@ import torch
 
 import decode_bench
 from qwen3.config import ModelConfig
-from qwen3.engine import load_engine
-from qwen3.export import export_gguf
-from qwen3.sampling import SamplingParams
+from qwen3.infer.engine import load_engine
+from qwen3.infer.export import export_gguf
+from qwen3.infer.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {

@@ -1,7 +1,7 @@
 """Muon + AdamW against AdamW alone: same model, data and step budget; learning rates from a sweep.
 
 The seed claimed Muon converges "30-50% faster". This measures it with the real training loop
-(`qwen3.train.train`): the seed's model shape on the first books of the King James Bible (one
+(`qwen3.train.loop.train`): the seed's model shape on the first books of the King James Bible (one
 document per verse, so validation verses are spread through the text), windows of 128 tokens,
 batch 8, warmup then cosine.
 
@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from qwen3.config import apply_overrides, preset
-from qwen3.runfiles import pyplot, save_png
-from qwen3.sources import kjv_books
-from qwen3.train import train
+from qwen3.train.runfiles import pyplot, save_png
+from qwen3.data.sources import kjv_books
+from qwen3.train.loop import train
 
 MUON_GRID = [0.005, 0.01, 0.02, 0.04]
 ADAMW_GRID = [1e-3, 3e-3, 1e-2]

@@ -49,11 +49,11 @@ from pathlib import Path
 import httpx
 import torch
 
-from qwen3.checkpoint import find_checkpoint, save_model
+from qwen3.model.checkpoint import find_checkpoint, save_model
 from qwen3.config import preset
-from qwen3.sources import kjv_books
-from qwen3.model import Qwen3ForCausalLM
-from qwen3.tokenizer import train_tokenizer
+from qwen3.data.sources import kjv_books
+from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.data.tokenizer import train_tokenizer
 
 LEVELS = (1, 4, 16)
 PROMPTS = [

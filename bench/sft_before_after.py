@@ -5,7 +5,7 @@
 e.g. `python bench/sft_before_after.py runs/seed runs/seed-sft` after `qwen3 sft runs/seed`. Prints a
 Markdown table: assistant-token loss, the share of greedy replies closed by the end-of-turn token
 within max_new_tokens, and the book task's accuracy against its majority-class baseline, all on
-the embedded set's held-out verses (qwen3/chateval.py).
+the embedded set's held-out verses (qwen3/train/chat_scores.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from qwen3.chateval import score_chat
+from qwen3.train.chat_scores import score_chat
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Wall-clock to a held-out bits per byte: the seed recipe against the speedrun recipe, in one run.
 
 Each recipe (a preset of qwen3/config.py, optionally changed by --set) is trained by the project's
-loop (`qwen3.train.setup`, then `train_step`) on the same data, and scored on the whole held-out
+loop (`qwen3.train.loop.setup`, then `train_step`) on the same data, and scored on the whole held-out
 split every `--evals`-th of its steps by the loop's own evaluation. Training time is the loop's
 steps alone; the evaluations are timed apart, and data preparation (the tokenizer and token store,
 cached after the first run of a vocabulary) is not counted. The target, for each seed, is the seed
@@ -40,10 +40,10 @@ import torch
 
 from qwen3.config import ModelConfig, TrainConfig, apply_overrides, parse_set_arguments, preset
 from qwen3.errors import print_to_stderr
-from qwen3.runfiles import pyplot, save_png
+from qwen3.train.runfiles import pyplot, save_png
 from qwen3.runtime import autocast_for
-from qwen3.train import setup, train_step
-from qwen3.trainparts import prepare_text
+from qwen3.train.loop import setup, train_step
+from qwen3.train.parts import prepare_text
 
 # What the speedrun preset changes from the seed recipe, by name: the fields each change sets. The
 # ablation undoes one change at a time (those fields back to the seed's values).

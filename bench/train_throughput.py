@@ -3,9 +3,9 @@
 Both models get the same config (the seed shape, vocab 8192 or --vocab), the same batch (16 x 256
 tokens), the same autocast dtype (the one `qwen3 train` picks on this machine, or --dtype), the same loss
 (float32 cross-entropy over every position: transformers' from the full logits, ours a slice of rows
-at a time, qwen3/loss.py) and the same optimizer (fused AdamW) with gradient
-clipping, as in qwen3/train.py. Each case runs in its own process, one after another, so the
-allocator settings can differ: glibc as it comes, glibc tuned by `qwen3.train.tune_malloc` (what
+at a time, qwen3/model/loss.py) and the same optimizer (fused AdamW) with gradient
+clipping, as in qwen3/train/loop.py. Each case runs in its own process, one after another, so the
+allocator settings can differ: glibc as it comes, glibc tuned by `qwen3.train.loop.tune_malloc` (what
 training does by default), and jemalloc / tcmalloc through LD_PRELOAD where the system has them.
 
 Prints tokens/s (median of the timed steps; the best of `--rounds` rounds, which run every case in
@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from qwen3.config import ModelConfig, preset
-from qwen3.model import Qwen3ForCausalLM
-from qwen3.muon import build_optimizers
+from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.train.muon import build_optimizers
 from qwen3.runtime import autocast_for, native_bfloat16, peak_flops, peak_rss_mb, resolve_dtype, tune_malloc
-from qwen3.train import CausalLMLoss, flops_per_token
+from qwen3.train.loop import CausalLMLoss, flops_per_token
 
 PRELOAD_CANDIDATES = {
     "jemalloc": ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2"],

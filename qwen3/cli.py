@@ -16,7 +16,7 @@ from qwen3.errors import UserError
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from qwen3.config import TrainConfig
-    from qwen3.store import prepare
+    from qwen3.data.store import prepare
 
     defaults = TrainConfig()
     data = prepare(args.data, tokenizer=args.tokenizer or "",
@@ -36,9 +36,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from qwen3.config import apply_overrides, load_toml, parse_set_arguments, resolve
-    from qwen3.resume import resume_point
-    from qwen3.train import train
-    from qwen3.trainparts import init_checkpoint
+    from qwen3.train.start import resume_point
+    from qwen3.train.loop import train
+    from qwen3.train.parts import init_checkpoint
 
     # The dedicated flags win over --set, which wins over the TOML file, which wins over the preset
     # (or, with --resume, over the resumed run's saved configs).
@@ -81,7 +81,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from qwen3.evaluate import evaluate_checkpoint
+    from qwen3.train.evaluate import evaluate_checkpoint
 
     result, info = evaluate_checkpoint(args.dir, args.data)
     print(f"checkpoint:   {info['checkpoint']}")
@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from qwen3.compare import compare, table
+    from qwen3.train.compare import compare, table
 
     summaries, _ = compare(args.runs, args.out)
     print(table(summaries))
@@ -102,8 +102,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from qwen3.engine import load_engine
-    from qwen3.sampling import SamplingParams
+    from qwen3.infer.engine import load_engine
+    from qwen3.infer.sampling import SamplingParams
 
     params = SamplingParams.from_dict(vars(args))
     engine = load_engine(args.dir, device=args.device, quantize=args.quantize, compile=args.compile)
@@ -115,8 +115,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from qwen3.chat import run_chat
-    from qwen3.sampling import SamplingParams
+    from qwen3.infer.chat import run_chat
+    from qwen3.infer.sampling import SamplingParams
 
     run_chat(args.dir, SamplingParams.from_dict(vars(args)), device=args.device,
              quantize=args.quantize, compile=args.compile)
@@ -133,8 +133,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from qwen3.export import export_gguf, write_modelfile
-    from qwen3.tokenizer import SPECIAL_TOKENS
+    from qwen3.infer.export import export_gguf, write_modelfile
+    from qwen3.data.tokenizer import SPECIAL_TOKENS
 
     out = export_gguf(args.dir, args.gguf, args.type, force=args.force)
     modelfile = write_modelfile(Path(out), [token for token in SPECIAL_TOKENS if token != "<|im_start|>"])

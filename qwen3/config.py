@@ -167,7 +167,7 @@ class TrainConfig:
     eval_interval: int = 100
     log_interval: int = 10
     sample_interval: int = 100  # at evaluation steps that are multiples of it, and the last: samples; 0 = off
-    sample_prompts: list[str] = field(default_factory=list)  # empty: the stage's own (qwen3/samples.py)
+    sample_prompts: list[str] = field(default_factory=list)  # empty: the stage's own (qwen3/train/samples.py)
     tensorboard: bool = False  # also write the events to OUT/tensorboard/ (pip install tensorboard)
     out_dir: str = "runs/seed"
     seed: int = 42

@@ -17,11 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen3.checkpoint import load_model
-from qwen3.engine import Engine
-from qwen3.sampling import SamplingParams
+from qwen3.model.checkpoint import load_model
+from qwen3.infer.engine import Engine
+from qwen3.infer.sampling import SamplingParams
 from qwen3.server.app import create_app
-from qwen3.tokenizer import load_tokenizer
+from qwen3.data.tokenizer import load_tokenizer
 from test_server import MODEL_NAME, ServerThread, make_checkpoint
 
 CHROMIUM = "/usr/bin/chromium"

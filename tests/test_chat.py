@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from qwen3.chat import DEMO_PROMPTS, ChatSession, run_chat, run_demo
-from qwen3.engine import Engine, load_engine
+from qwen3.infer.chat import DEMO_PROMPTS, ChatSession, run_chat, run_demo
+from qwen3.infer.engine import Engine, load_engine
 from qwen3.errors import UserError
-from qwen3.sampling import SamplingParams
+from qwen3.infer.sampling import SamplingParams
 from test_generate import build_checkpoint
 
 REPLY = SamplingParams(temperature=0, max_new_tokens=6)
@@ -194,7 +194,7 @@ def test_no_checkpoint_says_how_to_train_one(tmp_path: Path) -> None:
 
 
 def test_the_seed_chat_talks_to_the_fine_tuned_run_once_there_is_one(tmp_path, monkeypatch):
-    from qwen3.chat import DEFAULT_RUN, FINE_TUNED_RUN, default_chat_run
+    from qwen3.infer.chat import DEFAULT_RUN, FINE_TUNED_RUN, default_chat_run
 
     monkeypatch.chdir(tmp_path)
     assert default_chat_run() == DEFAULT_RUN

@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 from transformers import Qwen3ForCausalLM as ReferenceQwen3
 
 from qwen3.atomic import recover
-from qwen3.checkpoint import CheckpointError, find_checkpoint, load_model, resume_state, save_model
+from qwen3.model.checkpoint import CheckpointError, find_checkpoint, load_model, resume_state, save_model
 from qwen3 import cli
 from qwen3.config import ModelConfig
-from qwen3.model import Qwen3ForCausalLM
+from qwen3.model.decoder import Qwen3ForCausalLM
 
 
 def small_config(**overrides) -> ModelConfig:

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from qwen3.config import ModelConfig
-from qwen3.model import RMSNorm
-from qwen3.runfiles import RunFiles
-from qwen3.sources import kjv_books
-from qwen3.trainparts import prepare_text
+from qwen3.model.decoder import RMSNorm
+from qwen3.train.runfiles import RunFiles
+from qwen3.data.sources import kjv_books
+from qwen3.train.parts import prepare_text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))  # the scripts import each other as their folder's modules

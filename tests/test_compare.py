@@ -10,9 +10,9 @@ import pytest
 from matplotlib.image import imread
 
 from qwen3 import cli
-from qwen3.compare import compare, table
+from qwen3.train.compare import compare, table
 from qwen3.config import apply_overrides, preset
-from qwen3.train import train
+from qwen3.train.loop import train
 from test_train import write_corpus
 
 

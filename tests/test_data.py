@@ -9,13 +9,13 @@ import pyarrow.parquet
 import pytest
 import torch
 
-import qwen3.sources as sources
+import qwen3.data.sources as sources
 from qwen3.cli import main
 from qwen3.errors import UserError
-from qwen3.sources import iter_pieces, kjv_books, parse_source
-from qwen3.store import is_validation, prepare
-from qwen3.tokenizer import train_tokenizer
-from qwen3.windows import RandomWindows, eval_windows
+from qwen3.data.sources import iter_pieces, kjv_books, parse_source
+from qwen3.data.store import is_validation, prepare
+from qwen3.data.tokenizer import train_tokenizer
+from qwen3.data.windows import RandomWindows, eval_windows
 
 WORDS = "and the earth was without form void darkness upon face of deep spirit moved waters light".split()
 
@@ -185,8 +185,8 @@ def test_streamed_pieces_tokenize_exactly_like_whole_documents(tmp_path, monkeyp
     (tmp_path / "long.txt").write_text(text)
     (tmp_path / "long.jsonl").write_text(json.dumps({"text": text}) + "\n")
     train_tokenizer([text], vocab_size=400).save_pretrained(tmp_path / "tokenizer")
-    monkeypatch.setattr("qwen3.sources.PIECE_BYTES", 64)
-    monkeypatch.setattr("qwen3.store.BATCH_BYTES", 1000)
+    monkeypatch.setattr("qwen3.data.sources.PIECE_BYTES", 64)
+    monkeypatch.setattr("qwen3.data.store.BATCH_BYTES", 1000)
     prepared = prepare_small([tmp_path / "long.txt", tmp_path / "long.jsonl"], tmp_path / "cache",
                              tmp_path / "tokenizer", val_fraction=0.5)
     expected = prepared.tokenizer.encode(text) + [prepared.tokenizer.eos_token_id]

@@ -13,8 +13,8 @@ from torch import nn
 
 from qwen3 import cli
 from qwen3.config import apply_overrides, preset
-from qwen3.evaluate import evaluate
-from qwen3.train import train
+from qwen3.train.evaluate import evaluate
+from qwen3.train.loop import train
 
 
 class Uniform(nn.Module):
@@ -83,7 +83,7 @@ def test_eval_of_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_eval_uses_the_autocast_the_run_trained_with(run, tmp_path):
-    from qwen3.evaluate import evaluate_checkpoint
+    from qwen3.train.evaluate import evaluate_checkpoint
 
     float32_result, info = evaluate_checkpoint(run, device="cpu")
     assert info["autocast_dtype"] == "float32"

@@ -18,14 +18,14 @@ import torch
 import transformers
 
 from qwen3 import cli
-from qwen3.checkpoint import load_model, save_model
+from qwen3.model.checkpoint import load_model, save_model
 from qwen3.config import preset
-from qwen3.engine import load_engine
-from qwen3.export import export_gguf
-from qwen3.model import Qwen3ForCausalLM
-from qwen3.sampling import SamplingParams
-from qwen3.sources import kjv_books
-from qwen3.tokenizer import load_tokenizer, train_tokenizer
+from qwen3.infer.engine import load_engine
+from qwen3.infer.export import export_gguf
+from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.infer.sampling import SamplingParams
+from qwen3.data.sources import kjv_books
+from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["In the beginning", "And God said, Let there be light", "Süßes Öl, café — naïve «ça»"]
@@ -124,7 +124,7 @@ def test_bad_input_is_a_one_line_error_and_nothing_is_overwritten(tmp_path, tiny
 
 
 def test_a_failed_export_leaves_the_old_file_and_no_temporary(tmp_path, tiny, monkeypatch):
-    import qwen3.export
+    import qwen3.infer.export
 
     out = tmp_path / "model.gguf"
     out.write_bytes(b"old")
@@ -132,7 +132,7 @@ def test_a_failed_export_leaves_the_old_file_and_no_temporary(tmp_path, tiny, mo
     def broken(tensor, kind):
         raise OSError("disk full")
 
-    monkeypatch.setattr(qwen3.export, "convert", broken)
+    monkeypatch.setattr(qwen3.infer.export, "convert", broken)
     with pytest.raises(OSError):
         export_gguf(tiny, out, "f16", force=True, log=lambda message: None)
     assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]

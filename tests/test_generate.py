@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen3.checkpoint import save_model
+from qwen3.model.checkpoint import save_model
 from qwen3.config import ModelConfig
-from qwen3.engine import Engine, IncrementalDecoder, SequenceState, load_engine
+from qwen3.infer.engine import Engine, IncrementalDecoder, SequenceState, load_engine
 from qwen3.errors import UserError
-from qwen3.model import KVCache, Qwen3ForCausalLM
-from qwen3.sampling import BatchSampler, SamplingParams, StopChecker, sample_next_tokens
-from qwen3.tokenizer import load_tokenizer, train_tokenizer
+from qwen3.model.decoder import KVCache, Qwen3ForCausalLM
+from qwen3.infer.sampling import BatchSampler, SamplingParams, StopChecker, sample_next_tokens
+from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
 
 CORPUS = """In the beginning God created the heaven and the earth.
 And the earth was without form, and void; and darkness was upon the face of the deep.
@@ -263,7 +263,7 @@ def test_streaming_never_splits_a_multibyte_character(engine: Engine) -> None:
 def test_long_prompt_is_cropped_with_a_warning(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
     context = engine.max_context
     long_prompt = list(range(10, 10 + 2 * context))
-    with caplog.at_level(logging.WARNING, logger="qwen3.engine"):
+    with caplog.at_level(logging.WARNING, logger="qwen3.infer.engine"):
         completion = engine.generate(long_prompt, SamplingParams(temperature=0, max_new_tokens=10))
     assert completion.prompt_tokens == context - 1
     assert completion.completion_tokens == 1  # limited so prompt + completion fit the context

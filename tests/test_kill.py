@@ -34,7 +34,7 @@ from test_train import run_env, write_corpus
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as transformers_logging
 
-from qwen3.checkpoint import load_model, load_trainer_state
+from qwen3.model.checkpoint import load_model, load_trainer_state
 
 KILLS = 20
 SETTINGS = dict(max_steps=30, eval_interval=2, log_interval=1, warmup_steps=4, device="cpu",

@@ -12,13 +12,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from qwen3.config import ModelConfig
-from qwen3.engine import Engine, compile_decode_step, next_token_logits
+from qwen3.infer.engine import Engine, compile_decode_step, next_token_logits
 from qwen3.errors import UserError
-from qwen3.model import KVCache, Qwen3ForCausalLM
+from qwen3.model.decoder import KVCache, Qwen3ForCausalLM
 from qwen3.runtime import available_memory
-from qwen3.sampling import SamplingParams
+from qwen3.infer.sampling import SamplingParams
 from qwen3.server.scheduler import Job, Scheduler
-from qwen3.tokenizer import train_tokenizer
+from qwen3.data.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""The sliced head + cross-entropy (qwen3/loss.py) against the plain full-logits loss, and the memory
+"""The sliced head + cross-entropy (qwen3/model/loss.py) against the plain full-logits loss, and the memory
 it saves; RMSNorm's output dtype under autocast."""
 
 import subprocess
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import qwen3.loss as loss_module
-from qwen3.loss import linear_cross_entropy, loss_and_hits
-from qwen3.model import RMSNorm
+import qwen3.model.loss as loss_module
+from qwen3.model.loss import linear_cross_entropy, loss_and_hits
+from qwen3.model.decoder import RMSNorm
 
 
 @pytest.fixture(params=["one slice", "slices of 7 rows"])
@@ -80,20 +80,20 @@ def test_rms_norm_returns_the_autocast_dtype_and_float32_without_it():
 STEP_MEMORY = textwrap.dedent("""
     import dataclasses, sys
     import torch, torch.nn.functional as F
-    import qwen3.loss
+    import qwen3.model.loss
     from qwen3.config import preset
-    from qwen3.model import Qwen3ForCausalLM
+    from qwen3.model.decoder import Qwen3ForCausalLM
     from qwen3.runtime import peak_rss_mb
 
     torch.set_num_threads(1)
-    qwen3.loss.CHUNK_ELEMENTS = 2 ** 22
+    qwen3.model.loss.CHUNK_ELEMENTS = 2 ** 22
     model = Qwen3ForCausalLM(dataclasses.replace(preset("tiny")[0], vocab_size=32768, max_position_embeddings=256))
     x = torch.randint(0, 32768, (8, 256))
     before = peak_rss_mb()
     if sys.argv[1] == "full":
         loss = F.cross_entropy(model(x).flatten(0, 1).float(), x.flatten())
     else:
-        loss = qwen3.loss.linear_cross_entropy(model.model(x), model.lm_head.weight, x)
+        loss = qwen3.model.loss.linear_cross_entropy(model.model(x), model.lm_head.weight, x)
     loss.backward()
     print(peak_rss_mb() - before)
 """)

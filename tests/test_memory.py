@@ -13,14 +13,14 @@ import sys
 import numpy as np
 import pytest
 
-from qwen3.tokenizer import train_tokenizer
+from qwen3.data.tokenizer import train_tokenizer
 
 # The child reads VmHWM itself: qwen3.runtime.peak_rss_mb would import torch, which dwarfs the build.
 BUILD_STORE = """
 import sys
-import qwen3.store
-qwen3.store.BATCH_BYTES = 2**18  # fills the pipeline (prefetched batches) within the smaller corpus
-from qwen3.store import prepare
+import qwen3.data.store
+qwen3.data.store.BATCH_BYTES = 2**18  # fills the pipeline (prefetched batches) within the smaller corpus
+from qwen3.data.store import prepare
 prepare([sys.argv[1]], tokenizer=sys.argv[2], cache_dir=sys.argv[3], progress=False, log=lambda message: None)
 print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """

@@ -6,7 +6,7 @@ from transformers import Qwen3Config
 from transformers import Qwen3ForCausalLM as ReferenceQwen3
 
 from qwen3.config import ModelConfig, preset
-from qwen3.model import Qwen3ForCausalLM
+from qwen3.model.decoder import Qwen3ForCausalLM
 
 SHAPES = {
     "gqa": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16),

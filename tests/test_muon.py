@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from qwen3.config import ModelConfig
-from qwen3.model import Qwen3ForCausalLM
-from qwen3.muon import Muon, build_optimizers, newton_schulz, split_parameters
+from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.train.muon import Muon, build_optimizers, newton_schulz, split_parameters
 
 
 @pytest.mark.parametrize("shape", [(96, 32), (32, 96), (64, 64)], ids=["tall", "wide", "square"])
@@ -60,9 +60,9 @@ def test_a_stack_is_orthogonalized_exactly_as_each_matrix_alone():
 SHARED_MUON = textwrap.dedent("""
     import json, sys
     import torch, torch.distributed as dist
-    import qwen3.muon as muon
+    import qwen3.train.muon as muon
     from qwen3.config import ModelConfig
-    from qwen3.model import Qwen3ForCausalLM
+    from qwen3.model.decoder import Qwen3ForCausalLM
 
     if len(sys.argv) > 2:
         dist.init_process_group("gloo")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from qwen3 import cli
-from qwen3.runplan import RunPlan
+from qwen3.train.plan import RunPlan
 from test_train import write_corpus
 
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen3.checkpoint import load_model
+from qwen3.model.checkpoint import load_model
 from qwen3.config import ModelConfig
-from qwen3.engine import Engine
-from qwen3.model import Qwen3ForCausalLM
-from qwen3.samples import SAMPLE_TOKENS, generate_samples
-from qwen3.sampling import SamplingParams
-from qwen3.tokenizer import train_tokenizer
-from qwen3.train import resume_configs, train
+from qwen3.infer.engine import Engine
+from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.train.samples import SAMPLE_TOKENS, generate_samples
+from qwen3.infer.sampling import SamplingParams
+from qwen3.data.tokenizer import train_tokenizer
+from qwen3.train.loop import resume_configs, train
 from test_train import events, tiny, train_losses, write_corpus
 
 PROMPTS = ["The king", "A child"]

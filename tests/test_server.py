@@ -28,17 +28,17 @@ import torch
 import uvicorn
 
 from qwen3 import cli
-from qwen3.checkpoint import load_model, save_model
+from qwen3.model.checkpoint import load_model, save_model
 from qwen3.config import ModelConfig
 from qwen3.errors import UserError
-from qwen3.engine import Engine
-from qwen3.sampling import SamplingParams
-from qwen3.model import Qwen3ForCausalLM
+from qwen3.infer.engine import Engine
+from qwen3.infer.sampling import SamplingParams
+from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.server.app import bind, create_app
 from qwen3.server.scheduler import Scheduler
 from qwen3.server.schemas import APIError, ChatRequest, CompletionRequest, parse_request
 from qwen3.server.service import CompletionService
-from qwen3.tokenizer import load_tokenizer, train_tokenizer
+from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_NAME = "tiny"

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen3.checkpoint import load_model, save_model
+from qwen3.model.checkpoint import load_model, save_model
 from qwen3.config import ModelConfig
-from qwen3.model import Qwen3ForCausalLM
+from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.server.app import create_app
-from qwen3.tokenizer import load_tokenizer, train_tokenizer
+from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
 from test_server import CORPUS, MODEL_NAME, ServerThread, make_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent

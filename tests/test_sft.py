@@ -17,17 +17,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qwen3 import cli, kjv_chat
-from qwen3.chateval import score_chat
-from qwen3.checkpoint import load_config, load_model, load_trainer_state, save_model
+from qwen3 import cli
+from qwen3.data import kjv
+from qwen3.train.chat_scores import score_chat
+from qwen3.model.checkpoint import load_config, load_model, load_trainer_state, save_model
 from qwen3.config import ModelConfig, apply_overrides, preset
-from qwen3.conversations import pack, read_conversations, render
+from qwen3.data.conversations import pack, read_conversations, render
 from qwen3.errors import UserError
-from qwen3.model import Qwen3ForCausalLM
-from qwen3.samples import STAGE_PROMPTS
-from qwen3.sources import kjv_books
-from qwen3.tokenizer import IM_END, train_tokenizer
-from qwen3.train import resume_configs, run, setup, train
+from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.train.samples import STAGE_PROMPTS
+from qwen3.data.sources import kjv_books
+from qwen3.data.tokenizer import IM_END, train_tokenizer
+from qwen3.train.loop import resume_configs, run, setup, train
 
 
 def digest(path: Path) -> str:
@@ -163,7 +164,7 @@ def sft_configs(base: Path, out: Path, **values):
 @pytest.mark.slow
 def test_fine_tuning_on_the_embedded_set_lowers_the_reply_loss_and_teaches_the_model_to_stop(
         base, tmp_path, monkeypatch):
-    monkeypatch.setattr(kjv_chat, "TRAINING_VERSES", 1500)  # ~4,400 conversations: renders in seconds
+    monkeypatch.setattr(kjv, "TRAINING_VERSES", 1500)  # ~4,400 conversations: renders in seconds
     out = tmp_path / "run"
     result = train(*sft_configs(base, out, max_steps=60, eval_interval=60, seq_len=128))
     before, after = (score_chat(path, limit=90, max_new_tokens=16) for path in (base, out / "best"))

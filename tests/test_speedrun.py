@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qwen3.config import preset
-from qwen3.sources import kjv_books
+from qwen3.data.sources import kjv_books
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))

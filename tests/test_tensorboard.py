@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qwen3.train import resume_configs, train
+from qwen3.train.loop import resume_configs, train
 from test_train import cli_error, events, tiny, write_corpus
 
 SETTINGS = dict(max_steps=30, log_interval=5, eval_interval=10, sample_interval=10, tensorboard=True,

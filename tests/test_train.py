@@ -23,14 +23,14 @@ import pytest
 import torch
 
 from qwen3 import cli
-from qwen3.checkpoint import load_model, load_trainer_state
+from qwen3.model.checkpoint import load_model, load_trainer_state
 from qwen3.config import apply_overrides, preset
 from qwen3.errors import UserError
-from qwen3.model import Qwen3ForCausalLM
-from qwen3.muon import build_optimizers
+from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.train.muon import build_optimizers
 from qwen3.runtime import tune_malloc
-from qwen3.train import CausalLMLoss, TrainingDiverged, flops_per_token, lr_factor, resume_configs, train
-from qwen3.trainparts import apply_schedule
+from qwen3.train.loop import CausalLMLoss, TrainingDiverged, flops_per_token, lr_factor, resume_configs, train
+from qwen3.train.parts import apply_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,8 +136,8 @@ def test_checkpoints_are_hugging_face_folders_our_loader_reads(reference_run, sh
     assert state["step"] == 40 and len(state["optimizers"]) == 2
     assert state["best_val_loss"] == result.best_val_loss
     # The best checkpoint reproduces the best validation loss.
-    from qwen3.store import prepare
-    from qwen3.evaluate import evaluate
+    from qwen3.data.store import prepare
+    from qwen3.train.evaluate import evaluate
 
     model = load_model(out / "best")
     data = prepare([shared["source"]], tokenizer=str(out / "best"), cache_dir=shared["cache"],

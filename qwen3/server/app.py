@@ -26,10 +26,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qwen3.checkpoint import find_checkpoint
+from qwen3.model.checkpoint import find_checkpoint
 from qwen3.errors import UserError
-from qwen3.engine import load_engine
-from qwen3.model import Qwen3ForCausalLM
+from qwen3.infer.engine import load_engine
+from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.server import openapi
 from qwen3.server.schemas import (
     APIError, ChatCompletion, ChatCompletionChunk, ChatRequest, Completion, CompletionRequest, Health, ModelCard,

@@ -30,12 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen3.engine import Engine, SequenceState
+from qwen3.infer.engine import Engine, SequenceState
 from qwen3.errors import UserError
-from qwen3.kv_cache import KVCache
-from qwen3.model import Qwen3ForCausalLM
+from qwen3.model.kv_cache import KVCache
+from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.runtime import available_memory
-from qwen3.sampling import BatchSampler, SamplingParams
+from qwen3.infer.sampling import BatchSampler, SamplingParams
 
 logger = logging.getLogger(__name__)
 

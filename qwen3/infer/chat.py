@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from qwen3.checkpoint import CheckpointError, find_checkpoint
-from qwen3.engine import Engine, load_engine
+from qwen3.model.checkpoint import CheckpointError, find_checkpoint
+from qwen3.infer.engine import Engine, load_engine
 from qwen3.errors import UserError
-from qwen3.sampling import SamplingParams
+from qwen3.infer.sampling import SamplingParams
 
 DEFAULT_RUN = Path("runs/seed")
 FINE_TUNED_RUN = Path("runs/seed-sft")  # what `qwen3 sft runs/seed` writes

@@ -2,8 +2,8 @@
 `qwen3 train --preset sft --init-from DIR`, so resume, DDP, evaluation, checkpoints and metrics
 are pretraining's.
 
-The conversations (`--data` files in any format of qwen3/conversations.py, or without `--data`
-the embedded set of qwen3/kjv_chat.py) are rendered with the checkpoint's chat template, split by
+The conversations (`--data` files in any format of qwen3/data/conversations.py, or without `--data`
+the embedded set of qwen3/data/kjv.py) are rendered with the checkpoint's chat template, split by
 conversation into training and held-out, and packed into rows of seq_len + 1 tokens with their
 loss masks. The loop draws shuffled rows (`PackedRows`); the loss counts only the replies' tokens
 (targets of -100 elsewhere). Evaluation scores the held-out rows the same way: assistant-token
@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 from qwen3.config import TrainConfig
-from qwen3.conversations import Messages, Packed, held_out, pack, read_conversations, render
+from qwen3.data.conversations import Messages, Packed, held_out, pack, read_conversations, render
 from qwen3.errors import UserError
-from qwen3.evaluate import EvalResult, score_batches
-from qwen3.kjv_chat import kjv_chat
-from qwen3.model import Qwen3ForCausalLM
+from qwen3.train.evaluate import EvalResult, score_batches
+from qwen3.data.kjv import kjv_chat
+from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.runtime import Distributed
-from qwen3.tokenizer import Tokenizer, load_tokenizer
-from qwen3.trainparts import BatchLayout, DataStage
+from qwen3.data.tokenizer import Tokenizer, load_tokenizer
+from qwen3.train.parts import BatchLayout, DataStage
 
 EMBEDDED = "builtin:kjv-chat"
 

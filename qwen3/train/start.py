@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwen3.checkpoint import TRAINER_STATE_NAME, last_checkpoint, load_trainer_state, resume_state
+from qwen3.model.checkpoint import TRAINER_STATE_NAME, last_checkpoint, load_trainer_state, resume_state
 from qwen3.config import ModelConfig, TrainConfig, apply_overrides, refuse_model_changes
 from qwen3.errors import UserError
 

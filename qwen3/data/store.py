@@ -4,7 +4,7 @@ The seed pickled a few thousand tokens and drew validation windows from the same
 as training, so its validation numbers leaked. Here `prepare` turns the sources into a tokenizer
 and two token arrays:
 
-* the pieces of text the sources yield (qwen3/sources.py) are tokenized in batches on all cores and
+* the pieces of text the sources yield (qwen3/data/sources.py) are tokenized in batches on all cores and
   appended to two flat binary files (train.bin, val.bin; uint16 while the vocabulary fits, else
   uint32) read back with np.memmap, so memory stays flat however large the corpus is;
 * the split is by document: document i goes to validation when it is one of the evenly spaced
@@ -12,7 +12,7 @@ and two token arrays:
 * the store is cached under a key of the sources (path, size, mtime), the tokenizer's content, the
   split and the format version, built in a temporary folder and renamed only when complete.
 
-Training and evaluation cut the arrays into windows (qwen3/windows.py).
+Training and evaluation cut the arrays into windows (qwen3/data/windows.py).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from qwen3.atomic import atomic_directory
 from qwen3.errors import UserError, print_to_stderr
-from qwen3.sources import BUILTIN_KJV, Source, iter_pieces, parse_source
-from qwen3.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from qwen3.data.sources import BUILTIN_KJV, Source, iter_pieces, parse_source
+from qwen3.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 # Bump when the store's layout or the way documents are read changes: old caches are then ignored.
 STORE_FORMAT_VERSION = 2

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen3.errors import UserError
-from qwen3.runfiles import format_duration, pyplot, read_events, save_png
+from qwen3.train.runfiles import format_duration, pyplot, read_events, save_png
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ progress output shows what it has learned so far.
 
 At every evaluation step that is a multiple of `sample_interval` (and at the last step), each of
 `sample_prompts` (empty: the stage's `STAGE_PROMPTS`) is continued for SAMPLE_TOKENS tokens twice:
-greedily, and sampled with the demo's settings (qwen3/chat.py) from a generator seeded with the
+greedily, and sampled with the demo's settings (qwen3/infer/chat.py) from a generator seeded with the
 run's `seed` plus the prompt's index. Two runs of one configuration so show the same text, and the
 samples of two steps differ only by what the model learned in between. They are written above the
 progress bar and to metrics.jsonl as {"step", "tokens", "samples": [{"prompt", "greedy",
@@ -11,10 +11,10 @@ progress bar and to metrics.jsonl as {"step", "tokens", "samples": [{"prompt", "
 
 In the sft stage a prompt is the user message of a one-turn conversation, rendered with the
 checkpoint's chat template and its generation prompt, as the fine-tuning data renders the prompt
-of a reply (qwen3/conversations.py); the reply ends at the end of its turn. Elsewhere the prompt is
+of a reply (qwen3/data/conversations.py); the reply ends at the end of its turn. Elsewhere the prompt is
 plain text the model continues.
 
-Generation is the engine's (qwen3/engine.py) on the model in eval mode, which goes back to
+Generation is the engine's (qwen3/infer/engine.py) on the model in eval mode, which goes back to
 training mode afterwards. It draws nothing from torch's global RNG (greedy rows take the argmax,
 every row's noise comes from its own seeded generator), so the training stream, and an exact
 resume, are the same with samples or without. Under DDP only rank 0 samples (the model's own
@@ -26,21 +26,21 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from qwen3.chat import DEMO_PARAMS
-from qwen3.engine import Engine
-from qwen3.kjv_chat import BOOK_QUESTION, CONTINUE_PROMPT
-from qwen3.sampling import SamplingParams
+from qwen3.infer.chat import DEMO_PARAMS
+from qwen3.infer.engine import Engine
+from qwen3.data.kjv import BOOK_QUESTION, CONTINUE_PROMPT
+from qwen3.infer.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from qwen3.model import Qwen3ForCausalLM
-    from qwen3.tokenizer import Tokenizer
-    from qwen3.train import TrainState
+    from qwen3.model.decoder import Qwen3ForCausalLM
+    from qwen3.data.tokenizer import Tokenizer
+    from qwen3.train.loop import TrainState
 
 SAMPLE_TOKENS = 32  # new tokens per sample: a line of text, a few milliseconds a token
 STAGE_PROMPTS = {
     # Openings of the default corpus, the King James Bible.
     "pretrain": ["In the beginning", "And Jesus said", "The LORD is my shepherd;"],
-    # The three tasks of the embedded conversation set (qwen3/kjv_chat.py).
+    # The three tasks of the embedded conversation set (qwen3/data/kjv.py).
     "sft": ["Recite John 11:35.", CONTINUE_PROMPT + "In the beginning God created",
             BOOK_QUESTION + "The LORD is my shepherd; I shall not want."],
 }

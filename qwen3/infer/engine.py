@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from qwen3.errors import UserError
-from qwen3.kv_cache import KVCache
+from qwen3.model.kv_cache import KVCache
 from qwen3.runtime import resolve_device
-from qwen3.sampling import BatchSampler, SamplingParams, StopChecker
+from qwen3.infer.sampling import BatchSampler, SamplingParams, StopChecker
 
 if TYPE_CHECKING:
-    from qwen3.tokenizer import Tokenizer
+    from qwen3.data.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -387,8 +387,8 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 def load_engine(path: str | Path, device: str = "auto", quantize: str | None = None,
                 compile: bool = False) -> Engine:
     """An Engine for a checkpoint folder (or a run folder's best/): model, tokenizer, options."""
-    from qwen3.checkpoint import find_checkpoint, load_model
-    from qwen3.tokenizer import load_tokenizer
+    from qwen3.model.checkpoint import find_checkpoint, load_model
+    from qwen3.data.tokenizer import load_tokenizer
 
     folder = find_checkpoint(path)
     resolved = resolve_device(device)

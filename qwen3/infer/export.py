@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from qwen3.checkpoint import find_checkpoint, load_config
+from qwen3.model.checkpoint import find_checkpoint, load_config
 from qwen3.errors import UserError, print_to_stderr
-from qwen3.tokenizer import IM_END, load_tokenizer
+from qwen3.data.tokenizer import IM_END, load_tokenizer
 
 TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
          "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -74,7 +74,7 @@ def write_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> l
         types[index] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in spec["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")  # our pre-tokenization regex is Qwen2's (qwen3/tokenizer.py)
+    writer.add_tokenizer_pre("qwen2")  # our pre-tokenization regex is Qwen2's (qwen3/data/tokenizer.py)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

@@ -12,7 +12,7 @@ step otherwise returns when its kernels are queued, not when they have run.
 
 An evaluation is estimated, not measured (the first may be many steps away): it is one forward
 pass over `eval_tokens` validation tokens, and a forward pass costs about a third of a training
-step per token (2 of the 6 FLOPs per weight and token of qwen3/trainparts.py's flops_per_token;
+step per token (2 of the 6 FLOPs per weight and token of qwen3/train/parts.py's flops_per_token;
 backward is the other 4), so one evaluation takes eval_tokens / (3 x training tokens/s). Saving
 best/ and last/ and redrawing loss.png at each evaluation are not counted.
 """
@@ -25,11 +25,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qwen3.runfiles import format_duration
+from qwen3.train.runfiles import format_duration
 from qwen3.runtime import synchronize
 
 if TYPE_CHECKING:
-    from qwen3.train import TrainState
+    from qwen3.train.loop import TrainState
 
 TIMED_STEPS = 3          # steps timed after the warm-up step, at most ...
 TIMED_SECONDS = 30.0     # ... or fewer once their time reaches this

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from qwen3.errors import UserError
-from qwen3.tokenizer import IM_END, Tokenizer
+from qwen3.data.tokenizer import IM_END, Tokenizer
 
 Messages = list[dict[str, str]]
 ROLES = {"system": "system", "user": "user", "assistant": "assistant",  # OpenAI

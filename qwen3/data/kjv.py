@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import hashlib
 
-from qwen3.conversations import Messages
-from qwen3.sources import Verse, kjv_verses
+from qwen3.data.conversations import Messages
+from qwen3.data.sources import Verse, kjv_verses
 
 HELD_OUT_VERSES = 300
 TRAINING_VERSES = 8000

@@ -16,11 +16,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3.conversations import end_of_turn, pack, render
-from qwen3.engine import load_engine
-from qwen3.kjv_chat import kjv_chat
-from qwen3.sampling import SamplingParams
-from qwen3.sft import score_packed
+from qwen3.data.conversations import end_of_turn, pack, render
+from qwen3.infer.engine import load_engine
+from qwen3.data.kjv import kjv_chat
+from qwen3.infer.sampling import SamplingParams
+from qwen3.train.stages.sft import score_packed
 
 GENERATION_BATCH = 64
 

@@ -1,7 +1,7 @@
 """The training loop's pieces that hold no run state: the schedule, the FLOP count, the loss module,
 how the global batch is shared across processes, the counters between log lines, compilation, and
 the two seams of the loop: where the model comes from (`ModelSource`) and what it learns from
-(`DataStage`: pretraining's text windows, or chat fine-tuning's conversations in qwen3/sft.py).
+(`DataStage`: pretraining's text windows, or chat fine-tuning's conversations in qwen3/train/stages/sft.py).
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qwen3.checkpoint import CheckpointError, find_checkpoint, load_config, load_model
+from qwen3.model.checkpoint import CheckpointError, find_checkpoint, load_config, load_model
 from qwen3.config import ModelConfig, TrainConfig, refuse_model_changes
-from qwen3.store import PreparedData, prepare
-from qwen3.windows import RandomWindows
+from qwen3.data.store import PreparedData, prepare
+from qwen3.data.windows import RandomWindows
 from qwen3.errors import UserError
-from qwen3.evaluate import EvalResult, evaluate
-from qwen3.loss import IGNORE, linear_cross_entropy
-from qwen3.model import Qwen3ForCausalLM
+from qwen3.train.evaluate import EvalResult, evaluate
+from qwen3.model.loss import IGNORE, linear_cross_entropy
+from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.runtime import Distributed
-from qwen3.tokenizer import Tokenizer
+from qwen3.data.tokenizer import Tokenizer
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -73,7 +73,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 class CausalLMLoss(nn.Module):
     """The model plus its mean next-token cross-entropy: one module, so DDP and torch.compile see
-    the whole forward pass. The loss is taken in float32 a slice of rows at a time (qwen3/loss.py),
+    the whole forward pass. The loss is taken in float32 a slice of rows at a time (qwen3/model/loss.py),
     so the full logits never exist. Targets of -100 are left out of the mean: that is the loss mask.
     With `divisor` the summed loss is divided by it instead of by this batch's count (`loss_divisor`)."""
 
@@ -235,7 +235,7 @@ PRETRAINING = DataStage(prepare_text, random_windows, evaluate_text)
 def data_stage(name: str) -> DataStage:
     """The DataStage of TrainConfig.stage."""
     if name == "sft":
-        from qwen3.sft import CHAT_FINE_TUNING  # imports this module
+        from qwen3.train.stages.sft import CHAT_FINE_TUNING  # imports this module
 
         return CHAT_FINE_TUNING
     return PRETRAINING

@@ -22,15 +22,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from qwen3.checkpoint import find_checkpoint, load_model
+from qwen3.model.checkpoint import find_checkpoint, load_model
 from qwen3.config import TrainConfig
 from qwen3.errors import UserError, print_to_stderr
-from qwen3.loss import loss_and_hits
-from qwen3.model import Qwen3ForCausalLM
+from qwen3.model.loss import loss_and_hits
+from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.runtime import autocast_for, resolve_device, resolve_dtype
-from qwen3.store import prepare
-from qwen3.tokenizer import load_tokenizer
-from qwen3.windows import eval_windows
+from qwen3.data.store import prepare
+from qwen3.data.tokenizer import load_tokenizer
+from qwen3.data.windows import eval_windows
 
 
 @dataclass
@@ -139,7 +139,7 @@ def evaluate_checkpoint(path: str | Path, sources: list[str] | None = None, devi
     autocast = autocast_for(resolved, dtype)
     data_sources = sources if sources is not None else run.data
     if run.stage == "sft":
-        from qwen3.sft import evaluate_conversations, prepare_conversations  # qwen3.sft imports this module
+        from qwen3.train.stages.sft import evaluate_conversations, prepare_conversations  # qwen3.train.stages.sft imports this module
 
         data = prepare_conversations(replace(run, data=data_sources), str(folder), seq_len, False, log)
         result = evaluate_conversations(model, data, seq_len, run.batch_size, resolved, autocast)

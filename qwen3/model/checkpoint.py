@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from qwen3.atomic import atomic_directory, recover
 from qwen3.config import ModelConfig
 from qwen3.errors import UserError
-from qwen3.lora import lora_layers, plain_state_dict, save_adapter
-from qwen3.model import Qwen3ForCausalLM
+from qwen3.model.lora import lora_layers, plain_state_dict, save_adapter
+from qwen3.model.decoder import Qwen3ForCausalLM
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -46,7 +46,7 @@ def save_model(model: Qwen3ForCausalLM, path: str | Path, tokenizer: Any = None,
     """Write `model` (and optionally its tokenizer and trainer state) as a HF folder at `path`."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     config = model.config
-    # LoRA adapters, if any, merged into the weights under the plain names (qwen3/lora.py).
+    # LoRA adapters, if any, merged into the weights under the plain names (qwen3/model/lora.py).
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in plain_state_dict(model).items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the same tensor as model.embed_tokens.weight

@@ -10,7 +10,7 @@ asked for, TensorBoard event files.
 Only the main process writes them; in the others every method does nothing, so the loop calls
 them without asking which process it is. A resumed run cuts metrics.jsonl back to its step, and
 its TensorBoard writer purges the events after that step (`purge_step`), so neither shows the
-steps of the interrupted part twice. `qwen3 compare` (qwen3/compare.py) reads them back and draws
+steps of the interrupted part twice. `qwen3 compare` (qwen3/train/compare.py) reads them back and draws
 with the same matplotlib set-up.
 """
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3.config import ModelConfig
-from qwen3.kv_cache import KVCache, build_attention_mask
+from qwen3.model.kv_cache import KVCache, build_attention_mask
 
 
 class RMSNorm(nn.Module):

@@ -8,7 +8,7 @@ data and kept only a pickled final model. Here:
 * mixed precision is autocast (bfloat16 where the device multiplies it natively, float16 with a
   gradient scaler on older GPUs, float32 otherwise) over float32 master weights;
 * evaluation scores the whole validation split every `eval_interval` steps and at the last step, and
-  shows samples (qwen3/samples.py); `OUT/best/` keeps the best checkpoint, `OUT/last/` the latest with
+  shows samples (qwen3/train/samples.py); `OUT/best/` keeps the best checkpoint, `OUT/last/` the latest with
   everything a resume needs (optimizers, step, RNG states, data position), both written atomically;
 * `OUT/metrics.jsonl`, `OUT/run.json`, `OUT/loss.png` (and `OUT/tensorboard/`) record the run (runfiles.py);
 * Ctrl-C saves `last/` and stops; a non-finite loss stops the run without saving over `last/`.
@@ -43,21 +43,21 @@ from torch import nn
 from tqdm import tqdm
 
 import qwen3
-from qwen3.checkpoint import resume_state, save_model
+from qwen3.model.checkpoint import resume_state, save_model
 from qwen3.config import ModelConfig, TrainConfig
 from qwen3.errors import UserError
-from qwen3.evaluate import EvalResult
-from qwen3.lora import adapter_state_dict, add_lora, load_adapter_state
-from qwen3.model import Qwen3ForCausalLM
-from qwen3.muon import build_optimizers
-from qwen3.resume import ResumePoint, refuse_unfinished, resume_configs, unfinished_run
-from qwen3.runfiles import RunFiles
-from qwen3.runplan import RunEstimate
+from qwen3.train.evaluate import EvalResult
+from qwen3.model.lora import adapter_state_dict, add_lora, load_adapter_state
+from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.train.muon import build_optimizers
+from qwen3.train.start import ResumePoint, refuse_unfinished, resume_configs, unfinished_run
+from qwen3.train.runfiles import RunFiles
+from qwen3.train.plan import RunEstimate
 from qwen3.runtime import (Distributed, autocast_for, cpu_name, graceful_stop, init_distributed, peak_flops,
                            rank_zero_first, resolve_dtype, rng_state, seed_everything, set_rng_state,
                            teardown_distributed, tune_malloc)
-from qwen3.samples import write_samples
-from qwen3.trainparts import (PRETRAINING, BatchLayout, BatchSource, CausalLMLoss, CompiledOrEager, DataStage,
+from qwen3.train.samples import write_samples
+from qwen3.train.parts import (PRETRAINING, BatchLayout, BatchSource, CausalLMLoss, CompiledOrEager, DataStage,
                               ModelSource, Pending, apply_schedule, batch_layout, data_stage, flops_per_token,
                               loss_divisor, lr_factor)
 
