@@ -8,7 +8,6 @@ modules has to import another for them.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import functools
 import math
@@ -32,9 +31,6 @@ import torch.distributed as dist
 from qwen3.errors import UserError
 
 T = TypeVar("T")
-
-# mallopt(3) parameter numbers from glibc's malloc.h.
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 
 # Dense bfloat16/float16 tensor-core peaks (FLOP/s, per GPU) from the vendors' data sheets (the
 # sparse figures halved). A key matches when all its words are words of torch.cuda.get_device_name()
@@ -160,25 +156,6 @@ def peak_rss_mb() -> float:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / 1024 if sys.platform != "darwin" else peak / 2**20  # KiB on Linux, bytes on macOS
-
-
-def tune_malloc() -> bool:
-    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
-
-    By default glibc serves blocks over a dynamic threshold (at most 32 MiB) with mmap and returns
-    them on free, and trims the heap once 128 KiB at its top are free. A training step frees the
-    same tens of MiB of activations, logits and gradients every micro-step, so each step faulted in
-    fresh zeroed pages again: ~140k minor faults per seed-recipe step. With the thresholds raised,
-    a step reuses the pages of the one before (~5k faults). Returns False (changing nothing) where
-    the C library is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return all(mallopt(parameter, value) == 1 for parameter, value in (
-        (M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
