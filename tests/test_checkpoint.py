@@ -11,10 +11,16 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 from transformers import Qwen3ForCausalLM as ReferenceQwen3
 
-from qwen3.atomic import recover
-from qwen3.model.checkpoint import CheckpointError, find_checkpoint, load_model, resume_state, save_model
 from qwen3 import cli
+from qwen3.atomic import recover
 from qwen3.config import ModelConfig
+from qwen3.model.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    load_model,
+    resume_state,
+    save_model,
+)
 from qwen3.model.decoder import Qwen3ForCausalLM
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen3.model.checkpoint import save_model
 from qwen3.config import ModelConfig
-from qwen3.infer.engine import Engine, IncrementalDecoder, SequenceState, load_engine
-from qwen3.errors import UserError
-from qwen3.model.decoder import KVCache, Qwen3ForCausalLM
-from qwen3.infer.sampling import BatchSampler, SamplingParams, StopChecker, sample_next_tokens
 from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
+from qwen3.errors import UserError
+from qwen3.infer.engine import Engine, IncrementalDecoder, SequenceState, load_engine
+from qwen3.infer.sampling import BatchSampler, SamplingParams, StopChecker
+from qwen3.model.checkpoint import save_model
+from qwen3.model.decoder import Qwen3ForCausalLM
 
 CORPUS = """In the beginning God created the heaven and the earth.
 And the earth was without form, and void; and darkness was upon the face of the deep.
@@ -108,26 +108,28 @@ def test_batched_equals_one_by_one(engine: Engine) -> None:
         assert completion.prompt_tokens == single.prompt_tokens
 
 
-def test_merged_cache_rows_decode_as_each_prompt_alone(engine: Engine) -> None:
-    """Rows of two left-padded caches merged into one, then a row dropped (what the server's batch
-    does as requests join and leave), decode exactly as each prompt alone."""
+def test_rows_that_join_and_leave_a_cache_decode_as_each_prompt_alone(engine: Engine) -> None:
+    """Prompts prefilled into the free slots of one cache at different times, then a row leaving
+    and the last row moving into its slot (what the server's scheduler does as requests join and
+    leave), decode exactly as each prompt alone."""
     prompts = ["In the beginning God", "And", "The LORD is my"]
     alone = [engine.generate(prompt, GREEDY).token_ids for prompt in prompts]
     states = [SequenceState(engine.tokenizer.encode(prompt), GREEDY, GREEDY.max_new_tokens,
                             engine.tokenizer, engine.device) for prompt in prompts]
-    first, first_tokens, _ = engine.prefill(states[:1])
-    second, second_tokens, _ = engine.prefill(states[1:])
+    cache = engine.model.new_kv_cache(len(prompts), 64)
+    _, first_tokens, _ = engine.prefill(states[:1], cache.slots(0, 1))
+    _, second_tokens, _ = engine.prefill(states[1:], cache.slots(1, 3))
     tokens = torch.cat([first_tokens, second_tokens])
     for state, token in zip(states, tokens.tolist()):
         state.add(token)
-    cache = KVCache.merge([(first, [0]), (second, [0, 1])], room=GREEDY.max_new_tokens)
     assert cache.length == max(len(s.context) for s in states) - 1  # the last token is not cached yet
-    rows, sampler = [0, 1, 2], engine.sampler(states)
+    rows, sampler, running = [0, 1, 2], engine.sampler(states), cache
     for step in range(1, GREEDY.max_new_tokens):
-        if step == 5:  # the middle row leaves
-            cache, rows, tokens = KVCache.merge([(cache, [0, 2])], room=GREEDY.max_new_tokens), [0, 2], tokens[[0, 2]]
+        if step == 5:  # the middle row leaves; the last moves into its slot
+            cache.copy_slot(1, cache, 2)
+            running, rows, tokens = cache.slots(0, 2), [0, 2], tokens[[0, 2]]
             sampler = engine.sampler([states[row] for row in rows])
-        tokens = engine.decode(cache, tokens, sampler)
+        tokens = engine.decode(running, tokens, sampler)
         for row, token in zip(rows, tokens.tolist()):
             states[row].add(token)
     assert [s.token_ids for s in states] == [alone[0], alone[1][:5], alone[2]]
@@ -154,13 +156,19 @@ def test_same_seed_gives_the_same_sample(engine: Engine) -> None:
     assert [c.token_ids for c in batch] == [c.token_ids for c in again]
 
 
+def sample_once(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                previous: list[list[int]]) -> torch.Tensor:
+    """One sampling step of a batch whose sampler is built for it alone."""
+    return BatchSampler(params, generators, previous, logits.shape[-1], logits.device)(logits)
+
+
 def test_sampling_filters() -> None:
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(400, 1)
     previous = [[]] * 400
 
     def draw(**fields: float) -> set[int]:
         params = [SamplingParams(temperature=1.0, **fields)] * 400
-        return set(sample_next_tokens(logits, params, [None] * 400, previous).tolist())
+        return set(sample_once(logits, params, [None] * 400, previous).tolist())
 
     assert draw() == {0, 1, 2, 3, 4}
     assert draw(top_k=2) == {0, 1}
@@ -169,15 +177,15 @@ def test_sampling_filters() -> None:
     assert draw(min_p=0.3) == {0, 1}  # p1 / p0 = e^-1 = 0.37; p2 / p0 = 0.14
     row = logits[:1]
     greedy = SamplingParams(temperature=0)
-    assert sample_next_tokens(row, [greedy], [None], [[]]).tolist() == [0]
+    assert sample_once(row, [greedy], [None], [[]]).tolist() == [0]
     penalized = SamplingParams(temperature=0, repetition_penalty=2.0)
-    assert sample_next_tokens(row, [penalized], [None], [[0]]).tolist() == [1]  # 3/2 < 2
+    assert sample_once(row, [penalized], [None], [[0]]).tolist() == [1]  # 3/2 < 2
     # Greedy and sampled rows mix in one batch; a generator makes its row reproducible.
     mixed = [greedy, SamplingParams(temperature=1.0)]
     rngs = [None, torch.Generator().manual_seed(0)]
-    first = sample_next_tokens(logits[:2], mixed, rngs, [[], []])
+    first = sample_once(logits[:2], mixed, rngs, [[], []])
     rngs = [None, torch.Generator().manual_seed(0)]
-    assert torch.equal(sample_next_tokens(logits[:2], mixed, rngs, [[], []]), first)
+    assert torch.equal(sample_once(logits[:2], mixed, rngs, [[], []]), first)
     assert first[0] == 0
 
 
@@ -200,7 +208,7 @@ def test_batch_sampler_over_many_steps_equals_a_fresh_sampler_each_step() -> Non
     history = [list(prompt) for prompt in prompts]
     for step in range(steps):
         tokens = sampler(logits[step])
-        assert torch.equal(tokens, sample_next_tokens(logits[step], params, fresh_rngs, history))
+        assert torch.equal(tokens, sample_once(logits[step], params, fresh_rngs, history))
         for ids, token in zip(history, tokens.tolist()):
             ids.append(token)
     assert history[0][3:] != [int(row[0].argmax()) for row in logits]  # the penalty took effect

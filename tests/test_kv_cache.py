@@ -12,13 +12,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from qwen3.config import ModelConfig
-from qwen3.infer.engine import Engine, compile_decode_step, next_token_logits
+from qwen3.data.tokenizer import train_tokenizer
 from qwen3.errors import UserError
+from qwen3.infer.engine import Engine, compile_decode_step, next_token_logits
+from qwen3.infer.sampling import SamplingParams
 from qwen3.model.decoder import KVCache, Qwen3ForCausalLM
 from qwen3.runtime import available_memory
-from qwen3.infer.sampling import SamplingParams
 from qwen3.server.scheduler import Job, Scheduler
-from qwen3.data.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,7 +178,7 @@ def test_scheduler_cache_stays_put_while_jobs_join_and_leave() -> None:
     tokenizer = train_tokenizer(CORPUS, vocab_size=300)
     context, max_batch = 512, 4
     model = small_model(context, tokenizer.vocab_size)
-    scheduler = Scheduler(model, tokenizer, max_batch=max_batch)
+    scheduler = Scheduler(Engine(model, tokenizer), max_batch=max_batch)
     cache = scheduler.cache
     assert scheduler.context == context
     assert cache.nbytes == KVCache.bytes_needed(model.config, max_batch, context, torch.float32)
@@ -203,7 +203,7 @@ def test_compiled_scheduler_matches_alone() -> None:
     """`qwen3 serve --compile` on a CPU: batches of changing sizes and lengths through the compiled
     step generate what each job generates alone, eagerly."""
     tokenizer = train_tokenizer(CORPUS, vocab_size=300)
-    scheduler = Scheduler(small_model(128, tokenizer.vocab_size), tokenizer, max_batch=3, compile=True)
+    scheduler = Scheduler(Engine(small_model(128, tokenizer.vocab_size), tokenizer, compile=True), max_batch=3)
     loop = asyncio.new_event_loop()
     jobs = make_jobs(scheduler, [(5, 9), (12, 4), (5, 12), (3, 6), (20, 10)], loop)
     assert run_jobs(scheduler, jobs)[1] == 3
@@ -216,7 +216,7 @@ def test_a_cache_too_large_for_the_memory_is_a_user_error() -> None:
         pytest.skip("the free memory of this machine is not known")
     tokenizer = train_tokenizer(CORPUS, vocab_size=300)
     with pytest.raises(UserError, match="--max-batch or --max-seq-len"):
-        Scheduler(small_model(512, tokenizer.vocab_size), tokenizer, max_batch=10**8)
+        Scheduler(Engine(small_model(512, tokenizer.vocab_size), tokenizer), max_batch=10**8)
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import qwen3.model.loss as loss_module
-from qwen3.model.loss import linear_cross_entropy, loss_and_hits
 from qwen3.model.decoder import RMSNorm
+from qwen3.model.loss import linear_cross_entropy, loss_and_hits
 
 
 @pytest.fixture(params=["one slice", "slices of 7 rows"])

@@ -17,6 +17,7 @@ naming the file and the problem. `resume_state` is what `--resume` continues fro
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,14 @@ from safetensors.torch import load_file, save_file
 
 from qwen3.atomic import atomic_directory, recover
 from qwen3.config import ModelConfig
-from qwen3.errors import UserError
-from qwen3.model.lora import lora_layers, plain_state_dict, save_adapter
+from qwen3.errors import UserError, read_json_object
 from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.model.lora import lora_layers, plain_state_dict, save_adapter
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 TRAINER_STATE_NAME = "trainer_state.pt"
+CHECKPOINT_NAMES = ("best", "last")  # the checkpoints of a run folder, in the order a reader prefers them
 ADAPTER_FOLDER = "adapter"  # a LoRA run's adapters alone, in peft's format
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -44,7 +46,6 @@ class CheckpointError(UserError):
 def save_model(model: Qwen3ForCausalLM, path: str | Path, tokenizer: Any = None,
                trainer_state: dict[str, Any] | None = None) -> Path:
     """Write `model` (and optionally its tokenizer and trainer state) as a HF folder at `path`."""
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     config = model.config
     # LoRA adapters, if any, merged into the weights under the plain names (qwen3/model/lora.py).
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in plain_state_dict(model).items()}
@@ -80,24 +81,25 @@ def find_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: no such folder")
     if (path / "config.json").is_file():
         return path
-    for name in ("best", "last"):
+    for name in CHECKPOINT_NAMES:
         if (path / name / "config.json").is_file():
             return path / name
     raise CheckpointError(f"{path}: not a checkpoint folder (no config.json) nor a run folder "
                           f"(no best/ or last/ checkpoint)")
 
 
+def run_name(folder: Path) -> str:
+    """What to call a checkpoint: its run folder's name for a run's best/ or last/, else its own.
+    (abspath, not resolve: a checkpoint is a link to a hidden version folder whose name is not the
+    checkpoint's.)"""
+    absolute = Path(os.path.abspath(folder))
+    return absolute.parent.name if absolute.name in CHECKPOINT_NAMES else absolute.name
+
+
 def load_config(folder: str | Path) -> ModelConfig:
     """The ModelConfig of a checkpoint folder's config.json."""
     file = Path(folder) / "config.json"
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{file}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
+    data = read_json_object(file, CheckpointError)
     try:
         return ModelConfig.from_hf_dict(data)
     except (UserError, TypeError) as error:
@@ -181,7 +183,7 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
-    for name in ("best", "last"):
+    for name in CHECKPOINT_NAMES:
         recover(run_dir / name)
     last = run_dir / "last"
     return last if last.is_dir() else None

@@ -252,13 +252,6 @@ class Qwen3ForCausalLM(nn.Module):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
-    def set_attention(self, implementation: str) -> None:
-        """Switch every layer between "sdpa" and "eager" attention."""
-        if implementation not in ("sdpa", "eager"):
-            raise ValueError(f"attention must be 'sdpa' or 'eager', got {implementation!r}")
-        for layer in self.model.layers:
-            layer.self_attn.implementation = implementation
-
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 logits_to_keep: int = 0) -> torch.Tensor:

@@ -10,7 +10,6 @@ tokens, S keys, K key/value heads, D head_dim.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 
 import torch
 
@@ -178,18 +177,6 @@ class KVCache:
             self.values[layer][target, :, :length] = source_cache.values[layer][source, :, :length]
         self.lengths[target] = length
         self.filled[target] = length
-
-    @classmethod
-    def merge(cls, parts: Sequence[tuple[KVCache, Sequence[int]]], room: int) -> KVCache:
-        """A new cache of the given slots of each cache, in order, with `room` columns after the
-        longest sequence: sequences of separate caches gathered into one batch."""
-        first = parts[0][0]
-        sources = [(cache, row) for cache, rows in parts for row in rows]
-        length = max(cache.filled[cache.start + row] for cache, row in sources)
-        merged = cls(first.config, len(sources), length + room, first.device, first.keys[0].dtype)
-        for target, (cache, row) in enumerate(sources):
-            merged.copy_slot(target, cache, row)
-        return merged
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, T: int, past: int,

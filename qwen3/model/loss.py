@@ -11,12 +11,16 @@ Liger and Apple's cut-cross-entropy do: for each slice, softmax(logits) - onehot
 the summed loss with respect to the logits, and two matmuls turn it into the gradients of the hidden
 states and of the head's weight; backward only scales them by the incoming gradient. No logits are
 recomputed and none are saved. Evaluation (`loss_and_hits`) runs the same slices without gradients.
+`CausalLMLoss` is the model and this loss as one module: what a training step calls.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from qwen3.model.decoder import Qwen3ForCausalLM
 
 IGNORE = -100  # targets that carry no loss (transformers' and cross_entropy's convention)
 CHUNK_ELEMENTS = 2 ** 25  # logits per slice: 128 MB in float32 (4,096 rows at vocabulary 8,192)
@@ -99,3 +103,17 @@ def loss_and_hits(hidden: torch.Tensor, weight: torch.Tensor,
             nats += F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum")
             hits += (logits.argmax(-1) == y).sum()
     return nats, hits, (targets != IGNORE).sum()
+
+
+class CausalLMLoss(nn.Module):
+    """The model plus its mean next-token cross-entropy: one module, so DDP and torch.compile see
+    the whole forward pass. The loss is taken a slice of rows at a time (`linear_cross_entropy`), so
+    the full logits never exist; targets of -100 are left out of the mean: that is the loss mask.
+    With `divisor` the summed loss is divided by it instead of by this batch's count of targets."""
+
+    def __init__(self, model: Qwen3ForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, divisor: torch.Tensor | None = None) -> torch.Tensor:
+        return linear_cross_entropy(self.model.model(x), self.model.lm_head.weight, y, divisor)
