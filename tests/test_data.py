@@ -11,17 +11,13 @@ import torch
 
 import qwen3.data.sources as sources
 from qwen3.cli import main
-from qwen3.errors import UserError
 from qwen3.data.sources import iter_pieces, kjv_books, parse_source
 from qwen3.data.store import is_validation, prepare
 from qwen3.data.tokenizer import train_tokenizer
 from qwen3.data.windows import RandomWindows, eval_windows
+from qwen3.errors import UserError
 
 WORDS = "and the earth was without form void darkness upon face of deep spirit moved waters light".split()
-
-
-def quiet(message: str) -> None:
-    pass
 
 
 def sentences(count: int, seed: int = 0) -> str:
@@ -45,7 +41,7 @@ def tokenizer_dir(books, tmp_path_factory):
 @pytest.fixture(scope="module")
 def kjv(tmp_path_factory):
     """The default corpus prepared once, training its own (small) tokenizer as `prepare` does."""
-    return prepare([], vocab_size=512, cache_dir=tmp_path_factory.mktemp("cache"), progress=False, log=quiet)
+    return prepare([], vocab_size=512, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
 
 
 def split_documents(tokens: np.ndarray, eos: int) -> list[list[int]]:
@@ -73,7 +69,7 @@ def iter_documents(sources: list[str]) -> list[str]:
 
 def prepare_small(sources, cache_dir, tokenizer_dir, **options):
     return prepare([str(source) for source in sources], tokenizer=str(tokenizer_dir), cache_dir=cache_dir,
-                   progress=False, log=quiet, **options)
+                   progress=False, **options)
 
 
 # --- the embedded corpus -------------------------------------------------------------------------
@@ -216,24 +212,21 @@ def test_a_multi_megabyte_single_line_is_read_in_bounded_pieces_and_tokenized_ex
 # --- the cache -------------------------------------------------------------------------------------
 
 
-def test_cache_is_reused_and_rebuilt_when_a_source_changes(tmp_path, tokenizer_dir) -> None:
+def test_cache_is_reused_and_rebuilt_when_a_source_changes(tmp_path, tokenizer_dir, capsys) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for index in range(10):
         (corpus / f"{index}.txt").write_text(sentences(5, seed=index))
-    messages = []
-    first = prepare([str(corpus)], tokenizer=str(tokenizer_dir), cache_dir=tmp_path / "cache", progress=False,
-                    log=messages.append)
+    first = prepare([str(corpus)], tokenizer=str(tokenizer_dir), cache_dir=tmp_path / "cache", progress=False)
     assert not first.reused and first.val_documents == 1
-    second = prepare([str(corpus)], tokenizer=str(tokenizer_dir), cache_dir=tmp_path / "cache", progress=False,
-                     log=messages.append)
+    capsys.readouterr()
+    second = prepare([str(corpus)], tokenizer=str(tokenizer_dir), cache_dir=tmp_path / "cache", progress=False)
     assert second.reused and second.store_dir == first.store_dir
-    assert any("reusing the cached token store" in message for message in messages)
+    assert "reusing the cached token store" in capsys.readouterr().err
     assert np.array_equal(first.train_tokens, second.train_tokens)
 
     (corpus / "3.txt").write_text(sentences(6, seed=99))
-    third = prepare([str(corpus)], tokenizer=str(tokenizer_dir), cache_dir=tmp_path / "cache", progress=False,
-                    log=quiet)
+    third = prepare([str(corpus)], tokenizer=str(tokenizer_dir), cache_dir=tmp_path / "cache", progress=False)
     assert not third.reused and third.store_dir != first.store_dir
     assert len(third.train_tokens) + len(third.val_tokens) != len(first.train_tokens) + len(first.val_tokens)
     # A different split is a different store too.
@@ -245,10 +238,8 @@ def test_trained_tokenizer_is_cached(tmp_path) -> None:
     (tmp_path / "a.txt").write_text(sentences(30))
     (tmp_path / "b.txt").write_text(sentences(30, seed=1))
     sources = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
-    first = prepare(sources, vocab_size=300, val_fraction=0.5, cache_dir=tmp_path / "cache", progress=False,
-                    log=quiet)
-    again = prepare(sources, vocab_size=300, val_fraction=0.5, cache_dir=tmp_path / "cache", progress=False,
-                    log=quiet)
+    first = prepare(sources, vocab_size=300, val_fraction=0.5, cache_dir=tmp_path / "cache", progress=False)
+    again = prepare(sources, vocab_size=300, val_fraction=0.5, cache_dir=tmp_path / "cache", progress=False)
     assert first.tokenizer_trained and not again.tokenizer_trained
     assert first.tokenizer.vocab_size == 300 and again.reused
 
@@ -273,7 +264,7 @@ def test_failed_build_leaves_the_cache_intact(tmp_path, tokenizer_dir) -> None:
 
 def test_missing_path(tmp_path) -> None:
     with pytest.raises(UserError, match=f"data source not found: {tmp_path / 'nope.txt'}"):
-        prepare([str(tmp_path / "nope.txt")], cache_dir=tmp_path / "cache", progress=False, log=quiet)
+        prepare([str(tmp_path / "nope.txt")], cache_dir=tmp_path / "cache", progress=False)
 
 
 def test_empty_corpus(tmp_path) -> None:
@@ -281,10 +272,10 @@ def test_empty_corpus(tmp_path) -> None:
     (tmp_path / "blank.txt").write_text("  \n\n")
     with pytest.raises(UserError, match="no text found in .*empty.txt, .*blank.txt"):
         prepare([str(tmp_path / "empty.txt"), str(tmp_path / "blank.txt")], cache_dir=tmp_path / "cache",
-                progress=False, log=quiet)
+                progress=False)
     (tmp_path / "folder").mkdir()
     with pytest.raises(UserError, match="no files of a supported type in folder"):
-        prepare([str(tmp_path / "folder")], cache_dir=tmp_path / "cache", progress=False, log=quiet)
+        prepare([str(tmp_path / "folder")], cache_dir=tmp_path / "cache", progress=False)
     assert not any((tmp_path / "cache").iterdir())
 
 

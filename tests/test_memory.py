@@ -21,7 +21,7 @@ import sys
 import qwen3.data.store
 qwen3.data.store.BATCH_BYTES = 2**18  # fills the pipeline (prefetched batches) within the smaller corpus
 from qwen3.data.store import prepare
-prepare([sys.argv[1]], tokenizer=sys.argv[2], cache_dir=sys.argv[3], progress=False, log=lambda message: None)
+prepare([sys.argv[1]], tokenizer=sys.argv[2], cache_dir=sys.argv[3], progress=False)
 print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 LETTERS = ["etaoinshrdlucmfwy", "éèàçñüöß", "αβγδεζηθλμπρστω", "абвгдежзиклмнопрст", "的一是不了人我在有"]

@@ -5,8 +5,13 @@ import json
 import pytest
 
 from qwen3.data.sources import kjv_books
+from qwen3.data.tokenizer import (
+    SPECIAL_TOKENS,
+    Tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
 from qwen3.errors import UserError
-from qwen3.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
 
 # The chat template published with Qwen/Qwen3-4B-Base (tokenizer_config.json), to check that a
 # real Qwen3 folder's template renders with our jinja environment.

@@ -15,8 +15,8 @@ model learns to stop), nothing of the system and user turns nor the template's r
 reply's span starts where the conversation so far, rendered with the generation prompt, stops
 agreeing with the whole conversation, which holds for any template that renders prefixes of a
 conversation as prefixes; the tokens are the whole text's, so the mask costs no re-tokenization.
-`pack` fills rows of seq_len + 1 tokens with whole conversations, the mask carried along;
-`split` holds out conversations by a hash of their content.
+`pack` fills rows of seq_len + 1 tokens with whole conversations, the mask carried along
+(`render_and_pack` does both); `held_out` holds out conversations by a hash of their content.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from qwen3.errors import UserError
+from qwen3.data.records import read_records
 from qwen3.data.tokenizer import IM_END, Tokenizer
+from qwen3.errors import UserError
 
 Messages = list[dict[str, str]]
 ROLES = {"system": "system", "user": "user", "assistant": "assistant",  # OpenAI
@@ -54,45 +54,7 @@ def read_conversations(path: str | Path) -> list[Messages]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    return [to_messages(record, where) for record, where in _records(path)]
-
-
-def _records(path: Path) -> Iterator[tuple[Any, str]]:
-    if path.suffix == ".parquet":
-        yield from _parquet_rows(path)
-        return
-    with open(path, "rb") as handle:
-        first = handle.read(4096).lstrip()[:1]
-    if path.suffix == ".json" and first == b"[":
-        try:
-            records = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise UserError(f"{path}: not valid JSON ({error})") from None
-        yield from ((record, f"{path}, item {number}") for number, record in enumerate(records, start=1))
-        return
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield json.loads(raw.decode("utf-8")), f"{path}, line {number}"
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise UserError(f"{path}, line {number}: not valid JSON ({error})") from None
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[Any, str]]:
-    import pyarrow
-    import pyarrow.parquet
-
-    try:
-        parquet = pyarrow.parquet.ParquetFile(path)
-    except (pyarrow.ArrowException, OSError) as error:
-        raise UserError(f"{path}: not a readable Parquet file ({error})") from None
-    number = 0
-    for group in range(parquet.num_row_groups):
-        for row in parquet.read_row_group(group).to_pylist():
-            number += 1
-            yield row, f"{path}, row {number}"
+    return [to_messages(record, where) for record, where in read_records(path)]
 
 
 def to_messages(record: Any, where: str) -> Messages:
@@ -203,6 +165,13 @@ def pack(conversations: list[Rendered], row_tokens: int, pad_id: int) -> Packed:
         tokens[row, :len(row_ids)] = row_ids
         mask[row, :len(row_learned)] = row_learned
     return Packed(tokens, mask, packed, too_long, reply_bytes)
+
+
+def render_and_pack(tokenizer: Tokenizer, conversations: list[Messages], row_tokens: int) -> Packed:
+    """`render` each conversation and `pack` them into rows of `row_tokens`, a row's tail padded with
+    the tokenizer's pad token (else its end-of-text token)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pack([render(tokenizer, messages) for messages in conversations], row_tokens, pad)
 
 
 def held_out(messages: Messages, val_fraction: float) -> bool:

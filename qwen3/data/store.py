@@ -17,7 +17,6 @@ Training and evaluation cut the arrays into windows (qwen3/data/windows.py).
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import itertools
 import json
@@ -25,7 +24,7 @@ import math
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from qwen3.allocator import release_freed_memory
 from qwen3.atomic import atomic_directory
-from qwen3.errors import UserError, print_to_stderr
 from qwen3.data.sources import BUILTIN_KJV, Source, iter_pieces, parse_source
 from qwen3.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from qwen3.errors import UserError, log
 
 # Bump when the store's layout or the way documents are read changes: old caches are then ignored.
 STORE_FORMAT_VERSION = 2
@@ -104,8 +104,7 @@ class PreparedData:
 
 
 def prepare(sources: list[str], tokenizer: str = "", vocab_size: int = 8192, val_fraction: float = 0.1,
-            cache_dir: str | Path = ".cache/qwen3", min_tokens: int = 0, progress: bool = True,
-            log: Callable[[str], None] = print_to_stderr) -> PreparedData:
+            cache_dir: str | Path = ".cache/qwen3", min_tokens: int = 0, progress: bool = True) -> PreparedData:
     """Build (or reuse) the tokenizer and the token store for `sources` (default: the embedded KJV).
 
     `tokenizer` is a tokenizer.json or model folder to use; empty trains a `vocab_size` BPE on the
@@ -123,7 +122,7 @@ def prepare(sources: list[str], tokenizer: str = "", vocab_size: int = 8192, val
         tok = load_tokenizer(tokenizer)
         tokenizer_trained = False
     else:
-        trained_path, tokenizer_trained = _cached_tokenizer(parsed, fingerprint, vocab_size, cache, log)
+        trained_path, tokenizer_trained = _cached_tokenizer(parsed, fingerprint, vocab_size, cache)
         tok = load_tokenizer(trained_path)
 
     tokenizer_hash = hashlib.sha256(tok.backend.to_str().encode("utf-8")).hexdigest()
@@ -163,8 +162,8 @@ def prepare(sources: list[str], tokenizer: str = "", vocab_size: int = 8192, val
                         [source.spec for source in parsed], reused, tokenizer_trained)
 
 
-def _cached_tokenizer(sources: list[Source], fingerprint: list[Any], vocab_size: int, cache: Path,
-                      log: Callable[[str], None]) -> tuple[Path, bool]:
+def _cached_tokenizer(sources: list[Source], fingerprint: list[Any], vocab_size: int,
+                      cache: Path) -> tuple[Path, bool]:
     """The folder of a tokenizer trained on the sources, and whether it was trained now (not cached)."""
     key = _hash([TOKENIZER_FORMAT_VERSION, fingerprint, vocab_size, TOKENIZER_SAMPLE_BYTES])
     directory = cache / f"tokenizer-{key}"
@@ -181,19 +180,6 @@ def _cached_tokenizer(sources: list[Source], fingerprint: list[Any], vocab_size:
         train_tokenizer(itertools.chain([first], sample), vocab_size).save_pretrained(temporary)
     release_freed_memory()  # the trainer's word and pair counts, before tokenizing starts
     return directory, True
-
-
-def release_freed_memory() -> bool:
-    """Hand memory freed by the tokenizer's threads back to the kernel (glibc's malloc_trim).
-
-    Each Rust thread allocates from its own glibc arena, and glibc returns an arena's free pages
-    only when asked, so without this the peak of tokenizer training stays resident under the
-    store build that follows. Returns False where the C library is not glibc.
-    """
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 def _sample(sources: list[Source], budget: int) -> Iterator[str]:

@@ -15,6 +15,7 @@ import functools
 import json
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import jinja2.sandbox
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
-from qwen3.errors import UserError
+from qwen3.errors import UserError, read_json_object
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -51,22 +52,21 @@ CHAT_TEMPLATE = (
 DEFAULT_MODEL_MAX_LENGTH = 32768
 
 
+@dataclass(eq=False)
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special-token roles and chat template of a model folder."""
 
-    def __init__(self, backend: tokenizers.Tokenizer, eos_token: str, bos_token: str | None = None,
-                 pad_token: str | None = None, unk_token: str | None = None,
-                 chat_template: str | None = None,
-                 model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> None:
-        self.backend = backend
-        self.eos_token = eos_token
-        self.bos_token = bos_token
-        self.pad_token = pad_token
-        self.unk_token = unk_token
-        self.chat_template = chat_template
-        self.model_max_length = model_max_length
-        if backend.token_to_id(eos_token) is None:
-            raise UserError(f"the end-of-text token {eos_token!r} is not in the tokenizer's vocabulary")
+    backend: tokenizers.Tokenizer
+    eos_token: str
+    bos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    chat_template: str | None = None
+    model_max_length: int = DEFAULT_MODEL_MAX_LENGTH
+
+    def __post_init__(self) -> None:
+        if self.backend.token_to_id(self.eos_token) is None:
+            raise UserError(f"the end-of-text token {self.eos_token!r} is not in the tokenizer's vocabulary")
 
     @property
     def vocab_size(self) -> int:
@@ -213,10 +213,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         has_chat_tokens = backend.token_to_id(IM_START) is not None
         return Tokenizer(backend, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
                          chat_template=CHAT_TEMPLATE if has_chat_tokens else None)
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{config_file} is not valid JSON: {error}") from error
+    config = read_json_object(config_file)
     chat_template = config.get("chat_template")
     # Newer transformers versions write the template to its own file.
     template_file = tokenizer_file.parent / "chat_template.jinja"
