@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-from qwen3.infer.chat import DEMO_PROMPTS, ChatSession, run_chat, run_demo
-from qwen3.infer.engine import Engine, load_engine
-from qwen3.errors import UserError
-from qwen3.infer.sampling import SamplingParams
 from test_generate import build_checkpoint
+
+from qwen3.errors import UserError
+from qwen3.infer.chat import ChatSession, run_chat
+from qwen3.infer.demo import DEMO_PROMPTS, run_demo
+from qwen3.infer.engine import Engine, load_engine
+from qwen3.infer.sampling import SamplingParams
 
 REPLY = SamplingParams(temperature=0, max_new_tokens=6)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -194,7 +195,7 @@ def test_no_checkpoint_says_how_to_train_one(tmp_path: Path) -> None:
 
 
 def test_the_seed_chat_talks_to_the_fine_tuned_run_once_there_is_one(tmp_path, monkeypatch):
-    from qwen3.infer.chat import DEFAULT_RUN, FINE_TUNED_RUN, default_chat_run
+    from qwen3.infer.demo import DEFAULT_RUN, FINE_TUNED_RUN, default_chat_run
 
     monkeypatch.chdir(tmp_path)
     assert default_chat_run() == DEFAULT_RUN

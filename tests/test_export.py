@@ -18,14 +18,14 @@ import torch
 import transformers
 
 from qwen3 import cli
-from qwen3.model.checkpoint import load_model, save_model
 from qwen3.config import preset
-from qwen3.infer.engine import load_engine
-from qwen3.infer.export import export_gguf
-from qwen3.model.decoder import Qwen3ForCausalLM
-from qwen3.infer.sampling import SamplingParams
 from qwen3.data.sources import kjv_books
 from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
+from qwen3.infer.engine import load_engine
+from qwen3.infer.export import export_gguf
+from qwen3.infer.sampling import SamplingParams
+from qwen3.model.checkpoint import load_model, save_model
+from qwen3.model.decoder import Qwen3ForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["In the beginning", "And God said, Let there be light", "Süßes Öl, café — naïve «ça»"]
@@ -70,7 +70,7 @@ def fields(path: Path) -> dict:
 @pytest.mark.parametrize("kind", ["f32", "f16", "bf16", "q8_0"])
 def test_export_writes_the_qwen3_architecture_and_our_tokenizer(tmp_path, tokenizer, kind):
     folder = odd_checkpoint(tmp_path / "odd", tokenizer)
-    out = export_gguf(folder, tmp_path / "odd.gguf", kind, log=lambda message: None)
+    out = export_gguf(folder, tmp_path / "odd.gguf", kind)
     values, reader = fields(out)
     assert values["general.architecture"] == "qwen3"
     assert values["qwen3.attention.key_length"] == values["qwen3.attention.value_length"] == 32
@@ -93,7 +93,7 @@ def test_export_writes_the_qwen3_architecture_and_our_tokenizer(tmp_path, tokeni
 
 
 def test_a_tied_model_has_no_separate_output_matrix(tmp_path, tiny):
-    out = export_gguf(tiny, tmp_path / "tiny.gguf", "f32", log=lambda message: None)
+    out = export_gguf(tiny, tmp_path / "tiny.gguf", "f32")
     names = {t.name for t in gguf.GGUFReader(out).tensors}
     assert "token_embd.weight" in names and "output.weight" not in names
 
@@ -134,7 +134,7 @@ def test_a_failed_export_leaves_the_old_file_and_no_temporary(tmp_path, tiny, mo
 
     monkeypatch.setattr(qwen3.infer.export, "convert", broken)
     with pytest.raises(OSError):
-        export_gguf(tiny, out, "f16", force=True, log=lambda message: None)
+        export_gguf(tiny, out, "f16", force=True)
     assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
 
 
@@ -205,7 +205,7 @@ def ours_greedy(checkpoint: Path, prompt: str, tokens: int, round_to: torch.dtyp
 @pytest.mark.parametrize("which", ["trained", "odd"])
 def test_llama_cpp_generates_what_we_generate(llama_cpp, trained, tokenizer, tmp_path, kind, which):
     checkpoint = trained if which == "trained" else odd_checkpoint(tmp_path / "odd", tokenizer)
-    model = export_gguf(checkpoint, tmp_path / f"{which}.gguf", kind, log=lambda message: None)
+    model = export_gguf(checkpoint, tmp_path / f"{which}.gguf", kind)
     for prompt in PROMPTS:
         theirs = llama_greedy(llama_cpp, model, prompt, 24)
         ours = ours_greedy(checkpoint, prompt, 24, torch.float16 if kind == "f16" else None)
@@ -214,7 +214,7 @@ def test_llama_cpp_generates_what_we_generate(llama_cpp, trained, tokenizer, tmp
 
 @pytest.mark.slow
 def test_llama_cpp_tokenizes_like_we_do(llama_cpp, trained, tmp_path):
-    model = export_gguf(trained, tmp_path / "trained.gguf", "f32", log=lambda message: None)
+    model = export_gguf(trained, tmp_path / "trained.gguf", "f32")
     tokenizer = load_tokenizer(trained)
     for text in [*PROMPTS, "Numbers 3:14 and 1234567, tabs\tand\n\nnewlines", "<|im_start|>user\nHi<|im_end|>"]:
         completed = run_llama_tool([str(llama_cpp / "llama-tokenize"), "-m", str(model), "-p", text, "--ids",
@@ -239,7 +239,7 @@ def ours_perplexity(checkpoint: Path, ids: list[int], context: int) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,tolerance", [("f32", 0.001), ("q8_0", 0.01)])
 def test_llama_cpp_perplexity_matches_ours(llama_cpp, trained, tmp_path, kind, tolerance):
-    model = export_gguf(trained, tmp_path / "trained.gguf", kind, log=lambda message: None)
+    model = export_gguf(trained, tmp_path / "trained.gguf", kind)
     text = "\n\n".join(kjv_books()[-1].split("\n\n")[:40])  # held-out text (the last book)
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
     final = re.compile(rb"Final estimate: PPL = ([\d.]+)")

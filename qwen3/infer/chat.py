@@ -1,10 +1,9 @@
-"""The demo prompts and the interactive chat: what a person does with a checkpoint after training.
+"""The interactive chat: what a person does with a checkpoint after training.
 
-`run_demo` continues five fixed prompts that suit the default King James corpus. `run_chat` is a
-terminal chat that remembers the conversation: each reply is generated from the whole history,
-rendered with the tokenizer's chat template (Qwen's <|im_start|>role ... <|im_end|> turns) or, for
-a tokenizer without one or in `/mode plain`, as one running text the model continues. When the
-history outgrows the context, the oldest turns are dropped.
+`run_chat` is a terminal chat that remembers the conversation: each reply is generated from the
+whole history, rendered with the tokenizer's chat template (Qwen's <|im_start|>role ...
+<|im_end|> turns) or, for a tokenizer without one or in `/mode plain`, as one running text the
+model continues. When the history outgrows the context, the oldest turns are dropped.
 """
 
 from __future__ import annotations
@@ -15,31 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from qwen3.model.checkpoint import CheckpointError, find_checkpoint
-from qwen3.infer.engine import Engine, load_engine
 from qwen3.errors import UserError
+from qwen3.infer.engine import Engine, load_engine
 from qwen3.infer.sampling import SamplingParams
-
-DEFAULT_RUN = Path("runs/seed")
-FINE_TUNED_RUN = Path("runs/seed-sft")  # what `qwen3 sft runs/seed` writes
-DEMO_PROMPTS = [
-    "In the beginning",
-    "And the LORD said unto Moses,",
-    "The LORD is my shepherd;",
-    "Blessed are the",
-    "And it came to pass, when",
-]
-DEMO_PARAMS = SamplingParams(max_new_tokens=60, temperature=0.8, top_k=40, repetition_penalty=1.1)
-
-
-
-def default_chat_run() -> Path:
-    """The run the seed's chat and server talk to: the chat fine-tuned one when `qwen3 sft runs/seed`
-    made it (a chat is what it was trained for), else runs/seed. The demo prompts, plain text
-    continuation, stay with runs/seed."""
-    fine_tuned = any((FINE_TUNED_RUN / name / "config.json").is_file() for name in ("best", "last"))
-    return FINE_TUNED_RUN if fine_tuned else DEFAULT_RUN
-
 
 HELP = """commands:
   /help                  this list
@@ -52,33 +29,6 @@ HELP = """commands:
   /prompt                the exact prompt of the last reply
   /quit                  leave (Ctrl-D and Ctrl-C too)"""
 SETTABLE = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "seed")
-
-
-def open_checkpoint(path: str | Path, device: str = "auto", quantize: str | None = None,
-                    compile: bool = False) -> Engine:
-    """An Engine for a checkpoint or run folder; a missing one says how to train it."""
-    try:
-        folder = find_checkpoint(path)
-    except CheckpointError as error:
-        raise UserError(f"no trained checkpoint ({error}); train one with `python train_qwen3.py` "
-                        f"(or `make demo`), or pass a checkpoint folder") from None
-    return load_engine(folder, device=device, quantize=quantize, compile=compile)
-
-
-def run_demo(path: str | Path = DEFAULT_RUN, params: SamplingParams | None = None, *,
-             device: str = "auto", quantize: str | None = None, compile: bool = False,
-             output_stream: TextIO = sys.stdout) -> None:
-    """Continue each of DEMO_PROMPTS with the checkpoint (a run folder means its best/) and print them."""
-    params = (params or DEMO_PARAMS).validate()
-    engine = open_checkpoint(path, device, quantize, compile)
-    for number, prompt in enumerate(DEMO_PROMPTS, 1):
-        output_stream.write(f"\n[{number}/{len(DEMO_PROMPTS)}] {prompt}")
-        output_stream.flush()
-        for piece in engine.stream(prompt, params):
-            output_stream.write(piece)
-            output_stream.flush()
-        output_stream.write("\n")
-    output_stream.flush()
 
 
 class ChatSession:
@@ -205,15 +155,15 @@ def read_line(prompt: str, input_stream: TextIO, output_stream: TextIO) -> str |
     return line.rstrip("\r\n") if line else None
 
 
-def run_chat(path: str | Path = DEFAULT_RUN, params: SamplingParams | None = None,
+def run_chat(path: str | Path, params: SamplingParams | None = None,
              input_stream: TextIO = sys.stdin, output_stream: TextIO = sys.stdout, *,
              device: str = "auto", quantize: str | None = None, compile: bool = False,
              system: str | None = None) -> None:
     """Chat with the checkpoint in the terminal until /quit, Ctrl-D or Ctrl-C."""
-    engine = open_checkpoint(path, device, quantize, compile)
+    engine = load_engine(path, device, quantize, compile)
     session = ChatSession(engine, params or SamplingParams(), system)
     mode = "chat template" if session.template else "plain continuation"
-    output_stream.write(f"Chatting with {find_checkpoint(path)} ({mode}, context "
+    output_stream.write(f"Chatting with {engine.checkpoint} ({mode}, context "
                         f"{engine.max_context} tokens). /help for commands; /quit or Ctrl-D leaves.\n")
     try:
         while True:

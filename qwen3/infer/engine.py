@@ -15,31 +15,28 @@ slots, and the masks and positions of rows at different lengths, are the cache's
   Engine              `prefill` and `decode` steps over a batch of sequences (the server's scheduler
                       drives them itself), and the loop over them for one prompt (`generate`,
                       `stream`) or several (`generate_batch`); `compile=True` compiles the decode step
-  load_engine         a checkpoint folder -> Engine (device "auto", optional int8, compile)
+  load_engine         a checkpoint folder -> Engine (device "auto", optional int8, compile);
+                      trained_checkpoint finds the folder, or says how to train one
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import logging
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
-from qwen3.errors import UserError
+from qwen3.data.tokenizer import Tokenizer, load_tokenizer
+from qwen3.errors import UserError, logger
+from qwen3.infer.sampling import BatchSampler, SamplingParams, StopChecker
+from qwen3.model.checkpoint import CheckpointError, find_checkpoint, load_model
 from qwen3.model.kv_cache import KVCache
 from qwen3.runtime import resolve_device
-from qwen3.infer.sampling import BatchSampler, SamplingParams, StopChecker
-
-if TYPE_CHECKING:
-    from qwen3.data.tokenizer import Tokenizer
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -240,9 +237,11 @@ class Engine:
     stays eager: it runs once per prompt, at a new length each time. See `compile_decode_step`.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, compile: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, compile: bool = False,
+                 checkpoint: Path | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.checkpoint = checkpoint  # the folder the model was loaded from, when it was
         self.device = model.model.embed_tokens.weight.device
         self.last_completion: Completion | None = None
         self.prefill_step: DecodeStep = functools.partial(next_token_logits, model)
@@ -384,13 +383,20 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
+def trained_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder `path` names (a run folder means its best/, else last/); where there is
+    none, a UserError that says how to train one."""
+    try:
+        return find_checkpoint(path)
+    except CheckpointError as error:
+        raise UserError(f"no trained checkpoint ({error}); train one with `python train_qwen3.py` "
+                        f"(or `make demo`), or pass a checkpoint folder") from None
+
+
 def load_engine(path: str | Path, device: str = "auto", quantize: str | None = None,
                 compile: bool = False) -> Engine:
     """An Engine for a checkpoint folder (or a run folder's best/): model, tokenizer, options."""
-    from qwen3.model.checkpoint import find_checkpoint, load_model
-    from qwen3.data.tokenizer import load_tokenizer
-
-    folder = find_checkpoint(path)
+    folder = trained_checkpoint(path)
     resolved = resolve_device(device)
     dtype = torch.bfloat16 if resolved.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     model = load_model(folder, device=resolved, dtype=dtype)
@@ -398,4 +404,4 @@ def load_engine(path: str | Path, device: str = "auto", quantize: str | None = N
         model = quantize_int8(model)
     elif quantize is not None:
         raise UserError(f"unknown quantization {quantize!r} (supported: int8)")
-    return Engine(model, load_tokenizer(folder), compile=compile)
+    return Engine(model, load_tokenizer(folder), compile=compile, checkpoint=folder)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -25,9 +24,9 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from qwen3.model.checkpoint import find_checkpoint, load_config
-from qwen3.errors import UserError, print_to_stderr
 from qwen3.data.tokenizer import IM_END, load_tokenizer
+from qwen3.errors import UserError, log
+from qwen3.model.checkpoint import WEIGHTS_NAME, find_checkpoint, load_config, run_name
 
 TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
          "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -96,8 +95,7 @@ def write_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> l
     return notes
 
 
-def export_gguf(path: str | Path, out: str | Path, kind: str = "f16", force: bool = False,
-                log: Callable[[str], None] = print_to_stderr) -> Path:
+def export_gguf(path: str | Path, out: str | Path, kind: str = "f16", force: bool = False) -> Path:
     """Write the checkpoint at `path` (a checkpoint or run folder) as GGUF at `out`; returns `out`."""
     if kind not in TYPES:
         raise UserError(f"unknown GGUF type {kind!r}; choose one of: {', '.join(TYPES)}")
@@ -108,14 +106,14 @@ def export_gguf(path: str | Path, out: str | Path, kind: str = "f16", force: boo
     if not out.parent.is_dir():
         raise UserError(f"{out.parent} is not a folder")
     config = load_config(folder)
-    weights = folder / "model.safetensors"
+    weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise UserError(f"{folder}: no model.safetensors (sharded checkpoints are not supported)")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, config.num_hidden_layers)
     temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(temporary, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3])
     try:
-        writer.add_name(folder.resolve().parent.name if folder.name in ("best", "last") else folder.name)
+        writer.add_name(run_name(folder))
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(config.hidden_size)
         writer.add_block_count(config.num_hidden_layers)

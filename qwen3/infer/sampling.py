@@ -2,9 +2,9 @@
 
 Kept apart from the decode loop (engine.py) because it is pure math on a (B, V) logits matrix and
 the per-row settings; the CLI, the chat and the server's scheduler all sample through it:
-  SamplingParams      what a request asks for (temperature, top-k/p, min-p, penalty, seed, stops)
+  SamplingParams      what a request asks for (temperature, top-k/p, min-p, penalty, seed, stops);
+                      DEMO_PARAMS, the demo's and the training samples' settings
   BatchSampler        the sampling steps of a batch, each row with its own parameters and RNG
-  sample_next_tokens  one such step for rows that will not sample again
   StopChecker         withholds text that may begin a stop string; cuts the text before one
 """
 
@@ -72,6 +72,10 @@ class SamplingParams:
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise UserError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         return self
+
+
+# The demo's settings (infer/demo.py), which the training samples also draw with (train/samples.py).
+DEMO_PARAMS = SamplingParams(max_new_tokens=60, temperature=0.8, top_k=40, repetition_penalty=1.1)
 
 
 class BatchSampler:
@@ -146,14 +150,6 @@ class BatchSampler:
             for row, generator in enumerate(self.generators):
                 noise[row].exponential_(generator=generator)
         return (probs / noise).argmax(dim=-1)
-
-
-def sample_next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
-                       generators: Sequence[torch.Generator | None],
-                       previous: Sequence[Sequence[int]]) -> torch.Tensor:
-    """One sampling step of rows that will not sample again: logits (B, V) -> ids (B,).
-    `previous[i]` holds the ids row i has seen (prompt + generated), for the repetition penalty."""
-    return BatchSampler(params, generators, previous, logits.shape[-1], logits.device)(logits)
 
 
 def filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
