@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from qwen3.config import ModelConfig
+from qwen3.data.sources import kjv_books
 from qwen3.model.decoder import RMSNorm
 from qwen3.train.runfiles import RunFiles
-from qwen3.data.sources import kjv_books
-from qwen3.train.parts import prepare_text
+from qwen3.train.stages.pretrain import Pretraining
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))  # the scripts import each other as their folder's modules
@@ -48,7 +48,7 @@ def tiny(tmp_path_factory):
         norm_shapes=((16, 32),), timing_repeats=2, decode_kv_heads=(1, 4), decode_batches=(1, 2),
         decode=dataclasses.replace(TINY_MODEL, num_key_value_heads=4, max_position_embeddings=10),
         decode_context=8, decode_steps=2)
-    return settings, prepare_text(train, train.tokenizer, train.seq_len, False, lambda message: None), folder
+    return settings, Pretraining.prepare(train, train.tokenizer, train.seq_len).data, folder
 
 
 @pytest.fixture(scope="module")

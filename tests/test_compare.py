@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 from matplotlib.image import imread
+from test_train import write_corpus
 
 from qwen3 import cli
-from qwen3.train.compare import compare, table
 from qwen3.config import apply_overrides, preset
+from qwen3.train.compare import compare, table
 from qwen3.train.loop import train
-from test_train import write_corpus
 
 
 def events(out: Path) -> list[dict]:

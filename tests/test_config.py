@@ -5,7 +5,14 @@ import sys
 
 import pytest
 
-from qwen3.config import ConfigError, ModelConfig, TrainConfig, apply_overrides, preset, resolve
+from qwen3.config import (
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    preset,
+    resolve,
+)
 
 
 @pytest.mark.parametrize("values,field", [

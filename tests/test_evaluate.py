@@ -13,8 +13,8 @@ from torch import nn
 
 from qwen3 import cli
 from qwen3.config import apply_overrides, preset
-from qwen3.train.evaluate import evaluate
 from qwen3.train.loop import train
+from qwen3.train.metrics import score_tokens
 
 
 class Uniform(nn.Module):
@@ -35,7 +35,7 @@ class Uniform(nn.Module):
 def test_metrics_of_a_uniform_model_cover_every_token_once():
     tokens = np.arange(103, dtype=np.uint16) % 7  # token 0 is the target 14 times (positions 7, 14, ...)
     model = Uniform(vocab_size=16)
-    result = evaluate(model, tokens, seq_len=10, batch_size=4, num_bytes=500)
+    result = score_tokens(model, tokens, seq_len=10, batch_size=4, num_bytes=500)
     assert result.tokens == 102  # every token but the first is a target once
     assert model.calls == [(4, 10), (4, 10), (2, 10), (1, 2)]
     assert result.loss == pytest.approx(math.log(16))

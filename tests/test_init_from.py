@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 from transformers import Qwen3ForCausalLM as ReferenceQwen3
 
 from qwen3 import cli
-from qwen3.model.checkpoint import load_model
 from qwen3.data.tokenizer import train_tokenizer
+from qwen3.model.checkpoint import load_model
 
 ODD_SHAPE = dict(vocab_size=336, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,

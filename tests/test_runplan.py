@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
+from test_train import write_corpus
+
 from qwen3 import cli
 from qwen3.train.plan import RunPlan
-from test_train import write_corpus
 
 
 def test_the_plan_counts_evaluations_at_each_interval_and_the_end():

@@ -7,7 +7,7 @@ import torch
 
 from qwen3.errors import UserError
 from qwen3.runtime import gpu_peak_flops, process_device
-from qwen3.train.parts import batch_layout
+from qwen3.train.parallel import batch_layout
 
 
 @pytest.mark.parametrize("name,flops", [

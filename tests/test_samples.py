@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from qwen3.model.checkpoint import load_model
-from qwen3.config import ModelConfig
-from qwen3.infer.engine import Engine
-from qwen3.model.decoder import Qwen3ForCausalLM
-from qwen3.train.samples import SAMPLE_TOKENS, generate_samples
-from qwen3.infer.sampling import SamplingParams
-from qwen3.data.tokenizer import train_tokenizer
-from qwen3.train.loop import resume_configs, train
 from test_train import events, tiny, train_losses, write_corpus
+
+from qwen3.config import ModelConfig
+from qwen3.data.tokenizer import train_tokenizer
+from qwen3.infer.engine import Engine
+from qwen3.infer.sampling import SamplingParams
+from qwen3.model.checkpoint import load_model
+from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.train.loop import train
+from qwen3.train.samples import SAMPLE_TOKENS, generate_samples
+from qwen3.train.start import resume_configs
 
 PROMPTS = ["The king", "A child"]
 SAMPLED = dict(max_steps=30, log_interval=5, eval_interval=10, sample_interval=20, sample_prompts=PROMPTS)

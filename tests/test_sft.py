@@ -18,17 +18,23 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qwen3 import cli
-from qwen3.data import kjv
-from qwen3.train.chat_scores import score_chat
-from qwen3.model.checkpoint import load_config, load_model, load_trainer_state, save_model
 from qwen3.config import ModelConfig, apply_overrides, preset
+from qwen3.data import kjv
 from qwen3.data.conversations import pack, read_conversations, render
-from qwen3.errors import UserError
-from qwen3.model.decoder import Qwen3ForCausalLM
-from qwen3.train.samples import STAGE_PROMPTS
+from qwen3.data.kjv import CHAT_PROMPTS
 from qwen3.data.sources import kjv_books
 from qwen3.data.tokenizer import IM_END, train_tokenizer
-from qwen3.train.loop import resume_configs, run, setup, train
+from qwen3.errors import UserError
+from qwen3.model.checkpoint import (
+    load_config,
+    load_model,
+    load_trainer_state,
+    save_model,
+)
+from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.train.chat_scores import score_chat
+from qwen3.train.loop import run, setup, train
+from qwen3.train.start import resume_configs
 
 
 def digest(path: Path) -> str:
@@ -119,7 +125,7 @@ def test_every_format_loads_to_the_same_rendered_tokens(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"messages": [{"role": "user", "content": "hi"}', r"bad\.jsonl, line 2: not valid JSON"),
+    ('{"messages": [{"role": "user", "content": "hi"}', r"bad\.jsonl, line 2: invalid JSON"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', r"line 2: the conversation has no assistant turn"),
     ('{"messages": [{"role": "tool", "content": "x"}]}', r"line 2: message 1 has the unknown role 'tool'"),
     ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]}',
@@ -247,7 +253,7 @@ def test_two_processes_under_torchrun_fine_tune_like_one(base, tmp_path):
     assert val == [pytest.approx(single.best_val_loss, abs=1e-5)]
     # Rank 0 alone sampled the stage's chat prompts at the last step; the others went on.
     assert [(e["step"], [row["prompt"] for row in e["samples"]]) for e in events if "samples" in e] == [
-        (4, STAGE_PROMPTS["sft"])]
+        (4, CHAT_PROMPTS)]
 
 
 def test_lora_trains_only_the_adapters_and_the_merged_checkpoint_computes_the_peft_models_logits(base, tmp_path):
@@ -266,7 +272,9 @@ def test_lora_trains_only_the_adapters_and_the_merged_checkpoint_computes_the_pe
         merged = load_model(out / "last")
         assert (merged(input_ids) - peft_logits).abs().max() < 1e-5
         # A plain folder: transformers loads it; peft loads the adapter beside it onto the base.
-        from peft import PeftModel  # imported here: it takes seconds, and only this test needs it
+        from peft import (
+            PeftModel,  # imported here: it takes seconds, and only this test needs it
+        )
 
         reference = AutoModelForCausalLM.from_pretrained(out / "last", attn_implementation="eager").eval()
         assert (reference(input_ids).logits - peft_logits).abs().max() < 1e-4

@@ -6,8 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 from qwen3.config import preset
 from qwen3.data.sources import kjv_books
 

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from qwen3.train.loop import resume_configs, train
 from test_train import cli_error, events, tiny, write_corpus
+
+from qwen3.train.loop import train
+from qwen3.train.start import resume_configs
 
 SETTINGS = dict(max_steps=30, log_interval=5, eval_interval=10, sample_interval=10, tensorboard=True,
                 sample_prompts=["The king"])

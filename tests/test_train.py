@@ -23,14 +23,17 @@ import pytest
 import torch
 
 from qwen3 import cli
-from qwen3.model.checkpoint import load_model, load_trainer_state
+from qwen3.allocator import tune_malloc
 from qwen3.config import apply_overrides, preset
 from qwen3.errors import UserError
+from qwen3.model.checkpoint import load_model, load_trainer_state
 from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.model.loss import CausalLMLoss
+from qwen3.train.loop import TrainingDiverged, train
 from qwen3.train.muon import build_optimizers
-from qwen3.runtime import tune_malloc
-from qwen3.train.loop import CausalLMLoss, TrainingDiverged, flops_per_token, lr_factor, resume_configs, train
-from qwen3.train.parts import apply_schedule
+from qwen3.train.plan import flops_per_token
+from qwen3.train.schedule import apply_schedule, lr_factor
+from qwen3.train.start import resume_configs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,12 +140,12 @@ def test_checkpoints_are_hugging_face_folders_our_loader_reads(reference_run, sh
     assert state["best_val_loss"] == result.best_val_loss
     # The best checkpoint reproduces the best validation loss.
     from qwen3.data.store import prepare
-    from qwen3.train.evaluate import evaluate
+    from qwen3.train.metrics import score_tokens
 
     model = load_model(out / "best")
     data = prepare([shared["source"]], tokenizer=str(out / "best"), cache_dir=shared["cache"],
                    progress=False)
-    score = evaluate(model, data.val_tokens, 64, 4, data.val_bytes)
+    score = score_tokens(model, data.val_tokens, 64, 4, data.val_bytes)
     assert score.loss == pytest.approx(result.best_val_loss, abs=1e-6)
 
 

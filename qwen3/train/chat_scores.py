@@ -6,8 +6,8 @@ training conversation used):
 * the book task's accuracy (the reply is exactly the book's name) against the majority-class
   baseline (always answering the most frequent book of the held-out questions).
 
-It generates with the inference engine, so it is a measurement beside training, not part of it
-(training never imports the engine): bench/sft_before_after.py prints it for two checkpoints.
+It generates with the inference engine (as the training samples do, the one edge from the
+training layer down to inference): bench/sft_before_after.py prints it for two checkpoints.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3.data.conversations import end_of_turn, pack, render
-from qwen3.infer.engine import load_engine
+from qwen3.data.conversations import end_of_turn, render_and_pack
 from qwen3.data.kjv import kjv_chat
+from qwen3.infer.engine import load_engine
 from qwen3.infer.sampling import SamplingParams
-from qwen3.train.stages.sft import score_packed
+from qwen3.train.metrics import score_packed
 
 GENERATION_BATCH = 64
 
@@ -45,8 +45,7 @@ def score_chat(path: str | Path, device: str = "cpu", max_new_tokens: int = 48,
     engine = load_engine(path, device=device)
     tokenizer, model = engine.tokenizer, engine.model
     held = kjv_chat()[1][:limit]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    packed = pack([render(tokenizer, messages) for _, messages in held], engine.max_context, pad)
+    packed = render_and_pack(tokenizer, [messages for _, messages in held], engine.max_context)
     loss = score_packed(model, packed, 16, model.model.embed_tokens.weight.device).loss
     closing = tokenizer.token_to_id(end_of_turn(tokenizer))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=[closing])

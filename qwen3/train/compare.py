@@ -10,18 +10,22 @@ torch, so comparing is instant.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwen3.errors import UserError
-from qwen3.train.runfiles import format_duration, pyplot, read_events, save_png
+from qwen3.errors import UserError, read_json_object
+from qwen3.train.runfiles import (
+    format_duration,
+    pyplot,
+    read_events,
+    save_png,
+)
 
 
 @dataclass(frozen=True)
-class RunRecord:
-    """What a run folder says about its run: its metrics events and run.json ({} when absent)."""
+class ComparedRun:
+    """A run as `qwen3 compare` reads it from its folder: its metrics events and run.json ({} when absent)."""
 
     folder: Path
     events: list[dict[str, Any]]
@@ -32,7 +36,7 @@ class RunRecord:
         return [event for event in self.events if "val_bpb" in event]
 
 
-def read_run(folder: str | Path) -> RunRecord:
+def read_run(folder: str | Path) -> ComparedRun:
     """The record of the run in `folder`; a folder that is not a run, or whose run has not
     evaluated yet, is a UserError."""
     folder = Path(folder)
@@ -44,11 +48,8 @@ def read_run(folder: str | Path) -> RunRecord:
     events = read_events(metrics)
     info: dict[str, Any] = {}
     if (folder / "run.json").is_file():
-        try:
-            info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise UserError(f"{folder / 'run.json'} is not JSON: {error}") from None
-    record = RunRecord(folder, events, info)
+        info = read_json_object(folder / "run.json")
+    record = ComparedRun(folder, events, info)
     if not record.evaluations:
         every = info.get("train", {}).get("eval_interval")
         first = f" (the first is at step {every})" if every else ""
@@ -73,7 +74,7 @@ class Summary:
     train_tok_per_s: float | None  # training steps only, evaluation and saving excluded
 
 
-def summarize(record: RunRecord, label: str) -> Summary:
+def summarize(record: ComparedRun, label: str) -> Summary:
     last, final = record.events[-1], record.evaluations[-1]
     return Summary(label, last["step"], record.info.get("train", {}).get("max_steps"), last["tokens"],
                    last["elapsed_s"], final["val_loss"], final["val_bpb"], final["val_acc"],
@@ -93,7 +94,7 @@ def training_throughput(events: list[dict[str, Any]]) -> float | None:
     return tokens / seconds if seconds > 0 else None
 
 
-def labels(records: list[RunRecord]) -> list[str]:
+def labels(records: list[ComparedRun]) -> list[str]:
     """The run folders' names, or the paths as given where two runs share a name."""
     names = [record.folder.resolve().name for record in records]
     return names if len(set(names)) == len(names) else [str(record.folder) for record in records]
@@ -118,7 +119,7 @@ def wall_clock_unit(seconds: float) -> tuple[str, float]:
     return ("h", 3600.0) if seconds > 3 * 3600 else ("min", 60.0) if seconds > 180 else ("s", 1.0)
 
 
-def plot_runs(records: list[RunRecord], names: list[str], image: Path) -> Any:
+def plot_runs(records: list[ComparedRun], names: list[str], image: Path) -> Any:
     """Validation bits per byte against step, tokens and wall-clock, written to `image`; returns
     the figure (closed: it can be read, not shown)."""
     unit, scale = wall_clock_unit(max(event["elapsed_s"] for record in records for event in record.evaluations))

@@ -23,6 +23,7 @@ from typing import Any
 
 from qwen3.atomic import remove_checkpoint
 from qwen3.errors import UserError
+from qwen3.model.checkpoint import CHECKPOINT_NAMES
 
 
 class RunFiles:
@@ -49,7 +50,7 @@ class RunFiles:
                     if line and json.loads(line)["step"] <= resumed_step]
         self.metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         if resumed_step is None:
-            for stale in ("best", "last"):
+            for stale in CHECKPOINT_NAMES:
                 remove_checkpoint(self.out / stale)
             (self.out / "loss.png").unlink(missing_ok=True)
             shutil.rmtree(self.out / "tensorboard", ignore_errors=True)

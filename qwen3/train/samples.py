@@ -2,65 +2,41 @@
 progress output shows what it has learned so far.
 
 At every evaluation step that is a multiple of `sample_interval` (and at the last step), each of
-`sample_prompts` (empty: the stage's `STAGE_PROMPTS`) is continued for SAMPLE_TOKENS tokens twice:
-greedily, and sampled with the demo's settings (qwen3/infer/chat.py) from a generator seeded with the
-run's `seed` plus the prompt's index. Two runs of one configuration so show the same text, and the
-samples of two steps differ only by what the model learned in between. They are written above the
-progress bar and to metrics.jsonl as {"step", "tokens", "samples": [{"prompt", "greedy",
-"sampled"}], "elapsed_s"}.
+`sample_prompts` (empty: the stage's own, `Stage.sample_prompts`) is continued for SAMPLE_TOKENS
+tokens twice: greedily, and sampled with the demo's settings (`DEMO_PARAMS`) from a generator
+seeded with the run's `seed` plus the prompt's index. Two runs of one configuration so show the
+same text, and the samples of two steps differ only by what the model learned in between. They
+are written above the progress bar and to metrics.jsonl as {"step", "tokens", "samples":
+[{"prompt", "greedy", "sampled"}], "elapsed_s"}.
 
-In the sft stage a prompt is the user message of a one-turn conversation, rendered with the
-checkpoint's chat template and its generation prompt, as the fine-tuning data renders the prompt
-of a reply (qwen3/data/conversations.py); the reply ends at the end of its turn. Elsewhere the prompt is
-plain text the model continues.
+For a chat stage (fine-tuning) a prompt is the user message of a one-turn conversation, rendered
+with the checkpoint's chat template and its generation prompt, as the fine-tuning data renders the
+prompt of a reply (data/conversations.py); the reply ends at the end of its turn. Elsewhere the
+prompt is plain text the model continues.
 
-Generation is the engine's (qwen3/infer/engine.py) on the model in eval mode, which goes back to
-training mode afterwards. It draws nothing from torch's global RNG (greedy rows take the argmax,
-every row's noise comes from its own seeded generator), so the training stream, and an exact
-resume, are the same with samples or without. Under DDP only rank 0 samples (the model's own
+Generation is the inference engine's (infer/engine.py: training may import the inference layer,
+the one downward edge of the house that is not a lower layer's) on the model in eval mode, which
+goes back to training mode afterwards. It draws nothing from torch's global RNG (greedy rows take
+the argmax, every row's noise comes from its own seeded generator), so the training stream, and an
+exact resume, are the same with samples or without. Under DDP only rank 0 samples (the model's own
 forward: nothing collective); the other ranks go on to the checkpoint's collectives and wait there.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
-from qwen3.infer.chat import DEMO_PARAMS
+from qwen3.data.tokenizer import Tokenizer
 from qwen3.infer.engine import Engine
-from qwen3.data.kjv import BOOK_QUESTION, CONTINUE_PROMPT
-from qwen3.infer.sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from qwen3.model.decoder import Qwen3ForCausalLM
-    from qwen3.data.tokenizer import Tokenizer
-    from qwen3.train.loop import TrainState
+from qwen3.infer.sampling import DEMO_PARAMS, SamplingParams
+from qwen3.model.decoder import Qwen3ForCausalLM
 
 SAMPLE_TOKENS = 32  # new tokens per sample: a line of text, a few milliseconds a token
-STAGE_PROMPTS = {
-    # Openings of the default corpus, the King James Bible.
-    "pretrain": ["In the beginning", "And Jesus said", "The LORD is my shepherd;"],
-    # The three tasks of the embedded conversation set (qwen3/data/kjv.py).
-    "sft": ["Recite John 11:35.", CONTINUE_PROMPT + "In the beginning God created",
-            BOOK_QUESTION + "The LORD is my shepherd; I shall not want."],
-}
 
 
 def sample_due(step: int, sample_interval: int, max_steps: int) -> bool:
     """Whether the evaluation at `step` shows samples."""
     return sample_interval > 0 and (step % sample_interval == 0 or step == max_steps)
-
-
-def write_samples(state: TrainState) -> None:
-    """At an evaluation step where samples are due: generate them (rank 0), log and record them."""
-    config = state.config
-    if not state.processes.is_main or not sample_due(state.step, config.sample_interval, config.max_steps):
-        return
-    prompts = config.sample_prompts or STAGE_PROMPTS[config.stage]
-    samples = generate_samples(state.model, state.data.tokenizer, prompts, config.seed,
-                               chat=config.stage == "sft")
-    state.write_event({"samples": samples})
-    state.log(format_samples(state.step, samples))
 
 
 def generate_samples(model: Qwen3ForCausalLM, tokenizer: Tokenizer, prompts: list[str], seed: int,

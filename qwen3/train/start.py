@@ -1,49 +1,83 @@
-"""Where a run stopped: reading `last/trainer_state.pt` to continue a run, and finding unfinished runs.
+"""Where a run starts: a fresh initialization, a checkpoint's weights (`--init-from`), or the run's
+own last/ checkpoint (`--resume`).
 
-A resumed run continues with the configs it saved (overrides may extend it, e.g. a larger
-max_steps, but not change the model's shape) in its own folder. `resume_point` reads the trainer
-state once, whole, and hands it to the training loop with the configs; `resume_configs` and
-`unfinished_run` only look at the configs or the step and map the file's tensors instead of reading
-them, which costs nothing whatever the model's size.
+`ModelSource` builds the run's model: the shape of the config with the tokenizer's vocabulary, or
+the weights (and tokenizer) of a checkpoint folder. A resumed run continues with the configs it
+saved (overrides may extend it, e.g. a larger max_steps, but not change the model's shape) in its
+own folder: `resume_configs` reads them, the loop then reads the rest of trainer_state.pt once.
+`resume_configs` and `unfinished_run` only look at the configs or the step and map the file's
+tensors instead of reading them, which costs nothing whatever the model's size.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from qwen3.model.checkpoint import TRAINER_STATE_NAME, last_checkpoint, load_trainer_state, resume_state
+import torch
+
 from qwen3.config import ModelConfig, TrainConfig, apply_overrides, refuse_model_changes
+from qwen3.data.tokenizer import Tokenizer
 from qwen3.errors import UserError
+from qwen3.model.checkpoint import (
+    TRAINER_STATE_NAME,
+    CheckpointError,
+    find_checkpoint,
+    last_checkpoint,
+    load_config,
+    load_model,
+    load_trainer_state,
+    resume_state,
+)
+from qwen3.model.decoder import Qwen3ForCausalLM
 
 
-@dataclass
-class ResumePoint:
-    """A run's saved configs (with overrides applied) and the trainer state it continues from."""
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the run's model comes from: a fresh initialization (the shape of the config, the
+    vocabulary of the tokenizer), or the weights and tokenizer of a checkpoint folder."""
 
-    model_config: ModelConfig
-    train_config: TrainConfig
-    state: dict[str, Any]  # trainer_state.pt: optimizers, scaler, step, counters, RNG and data per rank
+    checkpoint: Path | None = None
+
+    def tokenizer(self, config: TrainConfig) -> str:
+        """What tokenizes the data: a checkpoint's own tokenizer, so the token ids match its model."""
+        return str(self.checkpoint) if self.checkpoint else config.tokenizer
+
+    def build(self, model_config: ModelConfig, tokenizer: Tokenizer, device: torch.device) -> Qwen3ForCausalLM:
+        if self.checkpoint is not None:
+            model = load_model(self.checkpoint, device=device).train()
+            refuse_model_changes(model.config, model_config, f"{self.checkpoint} holds another model")
+        else:
+            model = Qwen3ForCausalLM(replace(
+                model_config, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)).to(device)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                            f"{model.config.vocab_size}")
+        return model
 
 
-def resume_point(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> ResumePoint:
-    """Read `run_dir/last/trainer_state.pt` (once) and the configs it holds, with `overrides` applied."""
-    state = resume_state(run_dir)
-    return ResumePoint(*saved_configs(state, run_dir, overrides), state)
+def init_checkpoint(path: str | Path) -> tuple[Path, ModelConfig]:
+    """The checkpoint folder `--init-from path` starts from (a run folder means its best/) and its
+    model's shape; a folder that is not a Qwen3 checkpoint with a tokenizer is a UserError."""
+    try:
+        folder = find_checkpoint(path)
+        model_config = load_config(folder)
+    except CheckpointError as error:
+        raise UserError(f"--init-from {path}: not a Qwen3 checkpoint: {error}") from None
+    if not (folder / "tokenizer.json").is_file():
+        raise UserError(f"--init-from {path}: {folder} has no tokenizer.json; a run starts from a "
+                        f"checkpoint's weights and its tokenizer")
+    return folder, model_config
 
 
 def resume_configs(run_dir: str | Path, overrides: dict[str, Any] | None = None
                    ) -> tuple[ModelConfig, TrainConfig]:
-    """The configs saved in `run_dir/last`, with `overrides` applied (e.g. a larger max_steps)."""
-    return saved_configs(resume_state(run_dir, mmap=True), run_dir, overrides)
-
-
-def saved_configs(state: dict[str, Any], run_dir: str | Path, overrides: dict[str, Any] | None
-                  ) -> tuple[ModelConfig, TrainConfig]:
-    """The configs of a trainer state with `overrides` applied; the model's shape cannot change and
-    the output folder is `run_dir` whatever the saved one was."""
+    """The configs saved in `run_dir/last`, with `overrides` applied (e.g. a larger max_steps); the
+    model's shape cannot change and the output folder is `run_dir` whatever the saved one was."""
+    state = resume_state(run_dir, mmap=True)
     saved_model = ModelConfig(**state["model_config"])
     saved_train = TrainConfig(**state["train_config"])
     model_config, train_config = apply_overrides(saved_model, saved_train, dict(overrides or {}))

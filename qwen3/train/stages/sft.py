@@ -1,49 +1,94 @@
-"""Chat fine-tuning (SFT) as a stage of the one training loop: `qwen3 sft DIR` is
-`qwen3 train --preset sft --init-from DIR`, so resume, DDP, evaluation, checkpoints and metrics
-are pretraining's.
+"""Chat fine-tuning (SFT): the assistant's replies of conversations, learned with a loss mask.
 
-The conversations (`--data` files in any format of qwen3/data/conversations.py, or without `--data`
-the embedded set of qwen3/data/kjv.py) are rendered with the checkpoint's chat template, split by
-conversation into training and held-out, and packed into rows of seq_len + 1 tokens with their
-loss masks. The loop draws shuffled rows (`PackedRows`); the loss counts only the replies' tokens
-(targets of -100 elsewhere). Evaluation scores the held-out rows the same way: assistant-token
-loss, accuracy, perplexity, and bits per byte of the reply text.
+`qwen3 sft DIR` is `qwen3 train --preset sft --init-from DIR`, so resume, DDP, evaluation,
+checkpoints and metrics are the loop's, as for pretraining. The conversations (`--data` files in
+any format of data/conversations.py, or without `--data` the embedded set of data/kjv.py) are
+rendered with the checkpoint's chat template, split by conversation into training and held-out,
+and packed into rows of seq_len + 1 tokens with their loss masks. The loop draws shuffled rows
+(`PackedRows`); the loss counts only the replies' tokens (targets of -100 elsewhere). Evaluation
+scores the held-out rows the same way: assistant-token loss, accuracy, perplexity, and bits per
+byte of the reply text.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from qwen3.config import TrainConfig
-from qwen3.data.conversations import Messages, Packed, held_out, pack, read_conversations, render
-from qwen3.errors import UserError
-from qwen3.train.evaluate import EvalResult, score_batches
-from qwen3.data.kjv import kjv_chat
+from qwen3.data.conversations import (
+    Messages,
+    Packed,
+    held_out,
+    read_conversations,
+    render_and_pack,
+)
+from qwen3.data.kjv import CHAT_PROMPTS, kjv_chat
+from qwen3.data.tokenizer import Tokenizer, load_tokenizer
+from qwen3.errors import UserError, log
 from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.runtime import Distributed
-from qwen3.data.tokenizer import Tokenizer, load_tokenizer
-from qwen3.train.parts import BatchLayout, DataStage
+from qwen3.train.metrics import EvalResult, score_packed
+from qwen3.train.parallel import BatchLayout
+from qwen3.train.stages.base import Stage
 
 EMBEDDED = "builtin:kjv-chat"
 
 
-@dataclass
-class ConversationData:
+class ChatFineTuning(Stage):
     """The packed training and held-out conversations, and the tokenizer that rendered them."""
 
-    tokenizer: Tokenizer
-    train: Packed
-    val: Packed
-    sources: list[str]
+    name = "sft"
+    chat = True
+
+    def __init__(self, tokenizer: Tokenizer, train: Packed, val: Packed, sources: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.train = train
+        self.val = val
+        self.sources = sources
+
+    @classmethod
+    def prepare(cls, config: TrainConfig, tokenizer: str, seq_len: int, progress: bool = False,
+                training: bool = True) -> ChatFineTuning:
+        """Rendered, split and packed conversations (the same whether training or scoring)."""
+        if not tokenizer:
+            raise UserError("chat fine-tuning starts from a checkpoint: qwen3 sft DIR "
+                            "(or qwen3 train --preset sft --init-from DIR)")
+        loaded = load_tokenizer(tokenizer)
+        training_set, held = split_conversations(config.data, config.val_fraction)
+        if not held or not training_set:
+            raise UserError(f"{len(training_set) + len(held)} conversation(s) split into {len(training_set)} for "
+                            f"training and {len(held)} held out (val_fraction {config.val_fraction}): both need some")
+        stage = cls(loaded, render_and_pack(loaded, training_set, seq_len + 1),
+                    render_and_pack(loaded, held, seq_len + 1), list(config.data) or [EMBEDDED])
+        if not stage.train.conversations or not stage.val.conversations:
+            raise UserError(f"every {'training' if not stage.train.conversations else 'held-out'} conversation "
+                            f"is longer than seq_len + 1 = {seq_len + 1} tokens: raise seq_len")
+        log(stage.describe())
+        return stage
+
+    def batches(self, layout: BatchLayout, seed: int, processes: Distributed) -> PackedRows:
+        return PackedRows(self.train, layout.rows, seed, processes.rank, processes.world_size)
+
+    def evaluate(self, model: Qwen3ForCausalLM, batch_size: int, device: torch.device,
+                 autocast: contextlib.AbstractContextManager, rank: int = 0, world_size: int = 1) -> EvalResult:
+        """Assistant-token loss, accuracy and perplexity of the held-out conversations."""
+        return score_packed(model, self.val, batch_size, device, autocast, rank, world_size)
+
+    def sample_prompts(self) -> list[str]:
+        return list(CHAT_PROMPTS)
+
+    @property
+    def eval_tokens(self) -> int:
+        """Every held-out row, padding included."""
+        rows, row_tokens = self.val.rows.shape
+        return rows * (row_tokens - 1)
 
     @property
     def summary(self) -> dict[str, Any]:
-        """What run.json records of the data."""
         return {"sources": self.sources, "row_tokens": self.train.rows.shape[1],
                 **{f"{name}_{key}": value for name, packed in (("train", self.train), ("val", self.val))
                    for key, value in (("conversations", packed.conversations), ("rows", len(packed.rows)),
@@ -51,10 +96,8 @@ class ConversationData:
                                       ("dropped_too_long", packed.too_long))}}
 
     @property
-    def eval_tokens(self) -> int:
-        """Tokens one evaluation passes through the model: every held-out row, padding included."""
-        rows, row_tokens = self.val.rows.shape
-        return rows * (row_tokens - 1)
+    def scored_on(self) -> str:
+        return f"held-out conversations, the replies' tokens, rows of {self.val.rows.shape[1]}"
 
     def describe(self) -> str:
         dropped = self.train.too_long + self.val.too_long
@@ -66,35 +109,14 @@ class ConversationData:
 def split_conversations(sources: list[str], val_fraction: float) -> tuple[list[Messages], list[Messages]]:
     """(training, held-out) conversations of the `--data` files, or of the embedded set."""
     if not sources:
-        training, held = kjv_chat()
-        return [messages for _, messages in training], [messages for _, messages in held]
-    training, held = [], []
+        embedded_training, embedded_held = kjv_chat()
+        return [messages for _, messages in embedded_training], [messages for _, messages in embedded_held]
+    training: list[Messages] = []
+    held: list[Messages] = []
     for source in sources:
         for messages in read_conversations(source):
             (held if held_out(messages, val_fraction) else training).append(messages)
     return training, held
-
-
-def prepare_conversations(config: TrainConfig, tokenizer_path: str, seq_len: int, progress: bool,
-                          log: Any) -> ConversationData:
-    """The stage's data: rendered, split and packed conversations."""
-    if not tokenizer_path:
-        raise UserError("chat fine-tuning starts from a checkpoint: qwen3 sft DIR "
-                        "(or qwen3 train --preset sft --init-from DIR)")
-    tokenizer = load_tokenizer(tokenizer_path)
-    training, held = split_conversations(config.data, config.val_fraction)
-    if not held or not training:
-        raise UserError(f"{len(training) + len(held)} conversation(s) split into {len(training)} for training "
-                        f"and {len(held)} held out (val_fraction {config.val_fraction}): both need some")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    packed = [pack([render(tokenizer, messages) for messages in split], seq_len + 1, pad)
-              for split in (training, held)]
-    data = ConversationData(tokenizer, *packed, list(config.data) or [EMBEDDED])
-    if not data.train.conversations or not data.val.conversations:
-        raise UserError(f"every {'training' if not data.train.conversations else 'held-out'} conversation "
-                        f"is longer than seq_len + 1 = {seq_len + 1} tokens: raise seq_len")
-    log(data.describe())
-    return data
 
 
 class PackedRows:
@@ -131,30 +153,3 @@ class PackedRows:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed, self.steps = state["seed"], state["steps"]
-
-
-def packed_rows(data: ConversationData, layout: BatchLayout, seed: int, processes: Distributed) -> PackedRows:
-    return PackedRows(data.train, layout.rows, seed, processes.rank, processes.world_size)
-
-
-def evaluate_conversations(model: Qwen3ForCausalLM, data: ConversationData, seq_len: int, batch_size: int,
-                           device: torch.device, autocast: contextlib.AbstractContextManager, rank: int = 0,
-                           world_size: int = 1) -> EvalResult:
-    """Assistant-token loss, accuracy and perplexity of the held-out conversations."""
-    return score_packed(model, data.val, batch_size, device, autocast, rank, world_size)
-
-
-def score_packed(model: Qwen3ForCausalLM, packed: Packed, batch_size: int, device: torch.device | str = "cpu",
-                 autocast: contextlib.AbstractContextManager | None = None, rank: int = 0,
-                 world_size: int = 1) -> EvalResult:
-    """The metrics of the learned tokens of packed conversations, `batch_size` rows at a time."""
-    x = torch.from_numpy(packed.rows[:, :-1].copy())
-    y = torch.from_numpy(packed.targets())
-    batches = ((x[start:start + batch_size], y[start:start + batch_size]) for start in range(0, len(x), batch_size))
-    result = score_batches(model, batches, packed.reply_bytes, device, autocast, rank, world_size)
-    if result is None:
-        raise UserError("no conversation to score: every one is longer than a row")
-    return result
-
-
-CHAT_FINE_TUNING = DataStage(prepare_conversations, packed_rows, evaluate_conversations)

@@ -1,0 +1,79 @@
+"""The Stage interface: what one kind of training learns from and is scored on.
+
+The loop (train/loop.py) is the same for every stage; a stage is what differs. It prepares its
+data from the run's config (reads, tokenizes and splits it into training and held-out parts),
+hands the loop an endless stream of micro-batches, scores a model on its held-out part, names the
+prompts its samples continue, and describes itself for run.json, the plan and `qwen3 eval`.
+Pretraining (text windows, pretrain.py) and chat fine-tuning (conversations with a loss mask on
+the replies, sft.py) implement it; the registry in __init__.py is the one place that knows them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from qwen3.config import TrainConfig
+from qwen3.data.tokenizer import Tokenizer
+from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.runtime import Distributed
+from qwen3.train.metrics import EvalResult
+from qwen3.train.parallel import BatchLayout
+
+
+class BatchSource(Protocol):
+    """What the loop draws micro-batches from: an endless stream of (x, y) CPU tensors of this
+    process's rows, whose state resumes it exactly. Targets equal to -100 are not learned (the loss
+    skips them, transformers' convention): a loss mask, e.g. over a conversation's prompts."""
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Stage(ABC):
+    """A stage with its data prepared: made by `prepare`, then read by the loop."""
+
+    name: ClassVar[str]   # TrainConfig.stage
+    chat: ClassVar[bool]  # its sample prompts are user turns of the chat template, not text to continue
+    tokenizer: Tokenizer  # what the data was tokenized with: the model's
+
+    @classmethod
+    @abstractmethod
+    def prepare(cls, config: TrainConfig, tokenizer: str, seq_len: int, progress: bool = False,
+                training: bool = True) -> Stage:
+        """The stage's training and held-out data from `config` (its data sources and split).
+        `tokenizer` is a tokenizer.json or model folder, or "" to train one on the data; `seq_len`
+        the window (or row) length; `progress` shows progress bars. `training` False prepares for
+        scoring the held-out part alone (`qwen3 eval`), which then needs no whole training window."""
+
+    @abstractmethod
+    def batches(self, layout: BatchLayout, seed: int, processes: Distributed) -> BatchSource:
+        """This process's stream of training micro-batches (its rows of each global batch)."""
+
+    @abstractmethod
+    def evaluate(self, model: Qwen3ForCausalLM, batch_size: int, device: torch.device,
+                 autocast: contextlib.AbstractContextManager, rank: int = 0, world_size: int = 1) -> EvalResult:
+        """The model's metrics on the whole held-out part, the same on every rank (a collective)."""
+
+    @abstractmethod
+    def sample_prompts(self) -> list[str]:
+        """The prompts the run's samples continue when the config names none."""
+
+    @property
+    @abstractmethod
+    def eval_tokens(self) -> int:
+        """Tokens one evaluation passes through the model (for the run's time estimate)."""
+
+    @property
+    @abstractmethod
+    def summary(self) -> dict[str, Any]:
+        """What run.json records of the data: sources, sizes, counts."""
+
+    @property
+    @abstractmethod
+    def scored_on(self) -> str:
+        """What `evaluate` scores, in words (`qwen3 eval` prints it)."""
