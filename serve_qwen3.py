@@ -2,23 +2,19 @@
 
 Serves the default training run with the chat page and the OpenAI-compatible API: runs/seed-sft
 when `qwen3 sft runs/seed` fine-tuned the seed run for chat, else runs/seed (as `python train_qwen3.py`
-writes it); its best/ checkpoint. `qwen3 serve DIR` serves any other
-checkpoint, with options for the host, port, API key and batch size.
+writes it); its best/ checkpoint. `qwen3 serve DIR` serves any other checkpoint, with options for
+the host, port, API key and batch size.
 """
 
 import sys
 
 
 def main() -> None:
-    from qwen3.infer.chat import default_chat_run
-
-    run = default_chat_run()
-    if not any((run / name / "config.json").is_file() for name in ("best", "last")):
-        sys.exit(f"serve_qwen3.py: no trained model in {run}/ yet. Train one first with "
-                 f"`python train_qwen3.py`, or serve another checkpoint with `qwen3 serve DIR`.")
     from qwen3.errors import UserError
+    from qwen3.infer.demo import default_chat_run
     from qwen3.server.app import serve
 
+    run = default_chat_run()
     try:
         print(f"serving {run}", file=sys.stderr)
         serve(run, host="127.0.0.1", port=5000)

@@ -16,13 +16,13 @@ import openai
 import pytest
 import torch
 import torch.nn.functional as F
-
-from qwen3.model.checkpoint import load_model
-from qwen3.infer.engine import Engine
-from qwen3.infer.sampling import SamplingParams
-from qwen3.server.app import create_app
-from qwen3.data.tokenizer import load_tokenizer
 from test_server import MODEL_NAME, ServerThread, make_checkpoint
+
+from qwen3.data.tokenizer import load_tokenizer
+from qwen3.infer.engine import Engine, load_engine
+from qwen3.infer.sampling import SamplingParams
+from qwen3.model.checkpoint import load_model
+from qwen3.server.app import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -66,7 +66,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": TRIGGER}])
     memorize(model, tokenizer, prompt, MODEL_MARKUP)
     assert Engine(model, tokenizer).generate(prompt, SamplingParams(temperature=0)).text == MODEL_MARKUP
-    with ServerThread(create_app(model, tokenizer, MODEL_NAME)) as running:
+    with ServerThread(create_app(Engine(model, tokenizer), MODEL_NAME)) as running:
         yield running
 
 
@@ -109,7 +109,7 @@ def short_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def short_server(short_checkpoint: Path) -> Iterator[ServerThread]:
-    app = create_app(load_model(short_checkpoint), load_tokenizer(short_checkpoint), MODEL_NAME)
+    app = create_app(load_engine(short_checkpoint), MODEL_NAME)
     with ServerThread(app) as running:
         yield running
 

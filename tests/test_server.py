@@ -28,17 +28,17 @@ import torch
 import uvicorn
 
 from qwen3 import cli
-from qwen3.model.checkpoint import load_model, save_model
 from qwen3.config import ModelConfig
+from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
 from qwen3.errors import UserError
 from qwen3.infer.engine import Engine
 from qwen3.infer.sampling import SamplingParams
+from qwen3.model.checkpoint import load_model, save_model
 from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.server.app import bind, create_app
 from qwen3.server.scheduler import Scheduler
 from qwen3.server.schemas import APIError, ChatRequest, CompletionRequest, parse_request
 from qwen3.server.service import CompletionService
-from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_NAME = "tiny"
@@ -111,7 +111,7 @@ def generator(model, tokenizer) -> Engine:
 
 @pytest.fixture(scope="session")
 def server(model, tokenizer) -> Iterator[ServerThread]:
-    with ServerThread(create_app(model, tokenizer, MODEL_NAME, max_batch=16)) as running:
+    with ServerThread(create_app(Engine(model, tokenizer), MODEL_NAME, max_batch=16)) as running:
         yield running
 
 
@@ -305,7 +305,7 @@ def test_full_queue_and_disconnect(tokenizer) -> None:
         vocab_size=tokenizer.vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=CONTEXT,
         tie_word_embeddings=False)).eval()
-    app = create_app(model, tokenizer, MODEL_NAME, max_batch=1, max_queue=1)
+    app = create_app(Engine(model, tokenizer), MODEL_NAME, max_batch=1, max_queue=1)
     long = {"model": MODEL_NAME, "prompt": "The", "max_tokens": CONTEXT - 10, "temperature": 0,
             "stream": True}
     with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
@@ -381,7 +381,7 @@ def test_request_ranges_are_those_of_sampling_params(field: str, values: list) -
 
 def test_service_without_a_server(model, tokenizer) -> None:
     """The request handling is callable on its own: no app, no running scheduler."""
-    service = CompletionService(Scheduler(model, tokenizer), tokenizer, MODEL_NAME, api_key="k")
+    service = CompletionService(Scheduler(Engine(model, tokenizer)), MODEL_NAME, api_key="k")
     assert service.models().data[0].context_length == CONTEXT
     assert service.encode("The quick", "prompt") == tokenizer.encode("The quick")
     assert service.encode("", "prompt") == [tokenizer.eos_token_id]  # an empty prompt starts a document
@@ -406,8 +406,8 @@ def test_service_without_a_server(model, tokenizer) -> None:
 def test_sequence_length_and_chat_default(model, tokenizer) -> None:
     """`max_seq_len` bounds each sequence and is the context the API states; a chat request without
     max_tokens gets `chat_max_tokens`, or what its context leaves when that is less."""
-    scheduler = Scheduler(model, tokenizer, max_batch=2, max_seq_len=100)
-    service = CompletionService(scheduler, tokenizer, MODEL_NAME, chat_max_tokens=50)
+    scheduler = Scheduler(Engine(model, tokenizer), max_batch=2, max_seq_len=100)
+    service = CompletionService(scheduler, MODEL_NAME, chat_max_tokens=50)
     assert service.models().data[0].context_length == 100 == scheduler.cache.max_len
     assert scheduler.describe_cache().startswith("KV cache: 2 slots x 100 tokens = ")
     chat = parse_request(ChatRequest, b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}]}')
@@ -419,7 +419,7 @@ def test_sequence_length_and_chat_default(model, tokenizer) -> None:
 
 
 def test_api_key(model, tokenizer) -> None:
-    with ServerThread(create_app(model, tokenizer, MODEL_NAME, api_key="s3cret")) as server:
+    with ServerThread(create_app(Engine(model, tokenizer), MODEL_NAME, api_key="s3cret")) as server:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             response = httpx.get(f"{server.url}/v1/models", headers=headers)
             assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"

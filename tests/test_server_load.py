@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_server import CORPUS, MODEL_NAME, ServerThread, make_checkpoint
 
-from qwen3.model.checkpoint import load_model, save_model
 from qwen3.config import ModelConfig
+from qwen3.data.tokenizer import train_tokenizer
+from qwen3.infer.engine import load_engine
+from qwen3.model.checkpoint import save_model
 from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.server.app import create_app
-from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
-from test_server import CORPUS, MODEL_NAME, ServerThread, make_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
@@ -32,7 +33,7 @@ SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 @pytest.mark.slow
 def test_schemathesis_finds_nothing(tmp_path: Path) -> None:
     folder = make_checkpoint(tmp_path / "tiny")
-    app = create_app(load_model(folder), load_tokenizer(folder), MODEL_NAME, api_key="fuzz")
+    app = create_app(load_engine(folder), MODEL_NAME, api_key="fuzz")
     report, events = tmp_path / "report.json", tmp_path / "events.ndjson"
     with ServerThread(app) as server:
         run = subprocess.run(

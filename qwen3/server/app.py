@@ -11,9 +11,7 @@ client sends can stop the server. `/openapi.json` and `/docs` describe the API (
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,16 +24,23 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qwen3.model.checkpoint import find_checkpoint
-from qwen3.errors import UserError
-from qwen3.infer.engine import load_engine
-from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.errors import UserError, log, logger
+from qwen3.infer.engine import Engine, load_engine, trained_checkpoint
+from qwen3.model.checkpoint import run_name
 from qwen3.server import openapi
-from qwen3.server.schemas import (
-    APIError, ChatCompletion, ChatCompletionChunk, ChatRequest, Completion, CompletionRequest, Health, ModelCard,
-    ModelList, parse_request,
-)
 from qwen3.server.scheduler import Scheduler
+from qwen3.server.schemas import (
+    APIError,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    Completion,
+    CompletionRequest,
+    Health,
+    ModelCard,
+    ModelList,
+    parse_request,
+)
 from qwen3.server.service import CHAT_DEFAULT_MAX_TOKENS, CompletionService
 
 STATIC = Path(__file__).with_name("static")
@@ -66,22 +71,22 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
 
 
-def create_app(model: Qwen3ForCausalLM, tokenizer, model_name: str, api_key: str | None = None,
-               max_batch: int = 16, max_queue: int | None = None, max_seq_len: int | None = None,
-               chat_max_tokens: int = CHAT_DEFAULT_MAX_TOKENS, compile: bool = False) -> FastAPI:
-    """The FastAPI app serving `model` as `model_name`; its scheduler runs while the app is up.
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_batch: int = 16,
+               max_queue: int | None = None, max_seq_len: int | None = None,
+               chat_max_tokens: int = CHAT_DEFAULT_MAX_TOKENS) -> FastAPI:
+    """The FastAPI app serving `engine`'s model as `model_name`; its scheduler runs while the app is up.
 
     Up to `max_batch` sequences decode together and `max_queue` (default 4 x max_batch) more wait;
     beyond that requests are answered 429. Each sequence has `max_seq_len` positions (default: the
     model's context), all allocated at once (`Scheduler`); a chat request without max_tokens gets
-    at most `chat_max_tokens`. `compile` compiles the decode step.
+    at most `chat_max_tokens`.
     """
-    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue or 4 * max_batch,
-                          max_seq_len=max_seq_len, compile=compile)
+    scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue or 4 * max_batch,
+                          max_seq_len=max_seq_len)
     app = FastAPI(title="qwen3", version="1", description=openapi.DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.scheduler = scheduler
-    app.state.service = CompletionService(scheduler, tokenizer, model_name, api_key, chat_max_tokens)
+    app.state.service = CompletionService(scheduler, model_name, api_key, chat_max_tokens)
     app.add_middleware(SecurityHeaders)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(HTTPException, http_error)
@@ -200,22 +205,18 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 5000, api_key: 
         raise UserError(f"--default-max-tokens must be at least 1, got {chat_max_tokens}")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key must not be empty")
-    folder = find_checkpoint(path)
-    # A run folder's best/ or last/ is named after its run. (abspath, not resolve: a checkpoint is
-    # a link to a hidden version folder whose name is not the checkpoint's.)
-    absolute = Path(os.path.abspath(folder))
-    model_name = absolute.parent.name if folder.name in ("best", "last") else absolute.name
+    folder = trained_checkpoint(path)
+    model_name = run_name(folder)  # a run folder's best/ or last/ is named after its run
     listener = bind(host, port)  # before loading the model, so a taken port fails at once
-    engine = load_engine(folder, device=device)
-    app = create_app(engine.model, engine.tokenizer, model_name, api_key=api_key, max_batch=max_batch,
-                     max_seq_len=max_seq_len, chat_max_tokens=chat_max_tokens, compile=compile)
+    engine = load_engine(folder, device=device, compile=compile)
+    app = create_app(engine, model_name, api_key=api_key, max_batch=max_batch, max_seq_len=max_seq_len,
+                     chat_max_tokens=chat_max_tokens)
     address = f"[{host}]" if ":" in host else host
-    print(app.state.scheduler.describe_cache(), file=sys.stderr)
-    print(f"serving {model_name} on http://{address}:{listener.getsockname()[1]} "
-          f"(chat page at /, OpenAI API at /v1)", file=sys.stderr)
+    log(app.state.scheduler.describe_cache())
+    log(f"serving {model_name} on http://{address}:{listener.getsockname()[1]} (chat page at /, OpenAI API at /v1)")
     if not is_loopback(host) and api_key is None:
-        print(f"warning: listening on {host} without --api-key: anyone who can reach this machine "
-              f"can use the model", file=sys.stderr)
+        logger.warning(f"warning: listening on {host} without --api-key: anyone who can reach this machine "
+                       f"can use the model")
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])
 
 

@@ -23,21 +23,18 @@ finish reasons) are the `Engine`'s, so a request served alone produces exactly w
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
+from qwen3.errors import UserError, logger
 from qwen3.infer.engine import Engine, SequenceState
-from qwen3.errors import UserError
-from qwen3.model.kv_cache import KVCache
-from qwen3.model.decoder import Qwen3ForCausalLM
-from qwen3.runtime import available_memory
 from qwen3.infer.sampling import BatchSampler, SamplingParams
-
-logger = logging.getLogger(__name__)
+from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.model.kv_cache import KVCache
+from qwen3.runtime import available_memory
 
 
 class QueueFull(Exception):
@@ -107,17 +104,17 @@ class Scheduler:
     QueueFull beyond that rather than letting a backlog grow without bound. Each job has
     `context` positions for its prompt and reply: the model's context, or `max_seq_len` when that
     is smaller (the cache takes max_batch x context positions; a UserError says so when they do
-    not fit the device's free memory). `compile` compiles the decode step (`Engine`).
+    not fit the device's free memory). The engine's decode step is compiled when it was made so.
     """
 
-    def __init__(self, model: Qwen3ForCausalLM, tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 max_seq_len: int | None = None, compile: bool = False) -> None:
+    def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 64,
+                 max_seq_len: int | None = None) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be at least 1, got {max_batch}, {max_queue}")
-        self.engine = Engine(model, tokenizer, compile=compile)
-        self.device = self.engine.device
-        self.context = min(max_seq_len or self.engine.max_context, self.engine.max_context)
-        self.cache = self._allocate_cache(model, max_batch)
+        self.engine = engine
+        self.device = engine.device
+        self.context = min(max_seq_len or engine.max_context, engine.max_context)
+        self.cache = self._allocate_cache(engine.model, max_batch)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.condition = threading.Condition()

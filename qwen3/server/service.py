@@ -20,16 +20,29 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from qwen3.infer.engine import encode_prompt
 from qwen3.errors import UserError
+from qwen3.infer.engine import encode_prompt
 from qwen3.infer.sampling import SamplingParams
-from qwen3.server.schemas import (
-    APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatRequest,
-    Completion, CompletionChoice, CompletionRequest, Delta, GenerationRequest, Health, Message, ModelCard,
-    ModelList, Usage,
-)
 from qwen3.server.scheduler import Event, Job, QueueFull, Scheduler
-from qwen3.data.tokenizer import Tokenizer
+from qwen3.server.schemas import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    GenerationRequest,
+    Health,
+    Message,
+    ModelCard,
+    ModelList,
+    Usage,
+)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 1024  # a chat reply's, when the request sets none (`qwen3 serve --default-max-tokens`)
@@ -39,10 +52,10 @@ class CompletionService:
     """Serves `scheduler`'s model as `model_name`; `api_key`, when set, guards every /v1 call. A chat
     request without max_tokens gets `chat_max_tokens`, or the room its context leaves if that is less."""
 
-    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, model_name: str,
-                 api_key: str | None = None, chat_max_tokens: int = CHAT_DEFAULT_MAX_TOKENS) -> None:
+    def __init__(self, scheduler: Scheduler, model_name: str, api_key: str | None = None,
+                 chat_max_tokens: int = CHAT_DEFAULT_MAX_TOKENS) -> None:
         self.scheduler = scheduler
-        self.tokenizer = tokenizer
+        self.tokenizer = scheduler.engine.tokenizer
         self.model_name = model_name
         self.api_key = api_key
         self.chat_max_tokens = chat_max_tokens
