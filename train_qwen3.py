@@ -27,7 +27,8 @@ def train_seed() -> bool:
     from pathlib import Path
 
     from qwen3.config import preset
-    from qwen3.train.loop import resume_configs, train, unfinished_run
+    from qwen3.train.loop import train
+    from qwen3.train.start import resume_configs, unfinished_run
 
     model_config, train_config = preset("seed")
     out = Path(train_config.out_dir)
@@ -56,7 +57,8 @@ def main(argv: list[str]) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     try:
-        from qwen3.infer.chat import DEFAULT_RUN, default_chat_run, run_chat, run_demo
+        from qwen3.infer.chat import run_chat
+        from qwen3.infer.demo import DEFAULT_RUN, default_chat_run, run_demo
 
         if command == "train":
             if not train_seed():

@@ -41,19 +41,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from claims_variants import VariantSource  # bench/, beside this script
 from torch import nn
 
+from qwen3.allocator import tune_malloc
 from qwen3.config import ModelConfig, TrainConfig, preset
-from qwen3.errors import print_to_stderr
-from qwen3.model.decoder import Attention, KVCache, Qwen3ForCausalLM, RMSNorm
-from qwen3.train.muon import NS_COEFFICIENTS, newton_schulz
-from qwen3.runtime import peak_flops, tune_malloc
 from qwen3.data.store import PreparedData
-from qwen3.train.loop import CausalLMLoss, ModelSource, run, setup
-from qwen3.train.parts import prepare_text
 from qwen3.data.windows import RandomWindows, eval_windows
-
-from claims_variants import VariantSource  # bench/, beside this script
+from qwen3.model.decoder import Attention, KVCache, Qwen3ForCausalLM, RMSNorm
+from qwen3.model.loss import CausalLMLoss
+from qwen3.runtime import peak_flops
+from qwen3.train.loop import run, setup
+from qwen3.train.muon import NS_COEFFICIENTS, newton_schulz
+from qwen3.train.stages.pretrain import Pretraining
+from qwen3.train.start import ModelSource
 
 ROOT = Path(__file__).resolve().parent.parent
 CLAIMS = ("gqa", "norm", "swiglu", "rope", "tying", "prenorm", "muon")
@@ -453,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(train=train, seeds=tuple(args.seeds))
     command = "python bench/claims.py " + " ".join(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
-    data = prepare_text(train, train.tokenizer, train.seq_len, True, print_to_stderr)  # what each run reads
+    data = Pretraining.prepare(train, train.tokenizer, train.seq_len, progress=True).data  # what each run reads
     run_claims(claims, Runs(settings, data), args.json, command.strip(), malloc_tuned)
     print(f"done in {time.perf_counter() - start:.0f} s; results in {args.json}; "
           f"figures: python bench/claims_plot.py --json {args.json}", file=sys.stderr)

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3.config import ModelConfig
-from qwen3.model.decoder import DecoderLayer, KVCache, Qwen3ForCausalLM, RMSNorm
 from qwen3.data.tokenizer import Tokenizer
-from qwen3.train.loop import ModelSource
+from qwen3.model.decoder import DecoderLayer, KVCache, Qwen3ForCausalLM, RMSNorm
+from qwen3.train.start import ModelSource
 
 
 class GeluMLP(nn.Module):

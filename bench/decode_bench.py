@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 import transformers
 
-from qwen3.model.checkpoint import find_checkpoint, load_model, save_model
 from qwen3.config import ModelConfig
+from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
 from qwen3.infer.engine import Engine, quantize_int8
+from qwen3.infer.sampling import SamplingParams
+from qwen3.model.checkpoint import find_checkpoint, load_model, save_model
 from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.runtime import resolve_device
-from qwen3.infer.sampling import SamplingParams
-from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
 
 # Public-domain text (Genesis 1:1-8, King James Version) for the perplexity comparison.
 TEXT = """In the beginning God created the heaven and the earth. And the earth was without form, and

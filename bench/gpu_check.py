@@ -33,18 +33,26 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-import torch
-
 import decode_bench
+import httpx
 import serve_bench
+import torch
 import train_throughput
+
 from qwen3.config import ModelConfig, preset
 from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.model.loss import CausalLMLoss
+from qwen3.runtime import (
+    init_distributed,
+    peak_flops,
+    peak_rss_mb,
+    resolve_device,
+    resolve_dtype,
+    synchronize,
+)
 from qwen3.train.muon import build_optimizers
-from qwen3.runtime import (init_distributed, peak_flops, peak_rss_mb, resolve_device, resolve_dtype,
-                           synchronize)
-from qwen3.train.loop import CausalLMLoss, flops_per_token, wrap_step_model
+from qwen3.train.parallel import wrap_step_model
+from qwen3.train.plan import flops_per_token
 
 SECTIONS = ("train", "loop", "decode", "serve")
 
@@ -120,7 +128,7 @@ def train_section(sizes: Plan, device: torch.device, dtype: torch.dtype, log: Ca
                 module = CausalLMLoss(Qwen3ForCausalLM(config).to(device))
             optimizers = build_optimizers(module.model)  # Muon + AdamW, as `qwen3 train`
             params = [p for p in module.parameters() if p.requires_grad]
-            step_module = wrap_step_model(module, contender == "ours compiled", single, log)
+            step_module = wrap_step_model(module, contender == "ours compiled", single)
             log(f"train: {shape} {contender}")
             rows_out.append(time_training(f"{shape} {rows}x{seq_len}, {contender}", step_module, params,
                                           optimizers, config, rows, seq_len, sizes, device, dtype, peak))

@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import decode_bench
 import torch
 
-import decode_bench
 from qwen3.config import ModelConfig
 from qwen3.infer.engine import load_engine
 from qwen3.infer.export import export_gguf
@@ -91,8 +91,7 @@ def main() -> None:
             for name, compiled in (("ours", False), ("ours compiled", True)):
                 rows[name] = ours(folder, compiled, args.threads, args.prompt_tokens, args.new_tokens, args.repeats)
             for kind in ("f32", "f16", "q8_0"):
-                model = export_gguf(folder, Path(scratch) / f"{shape.replace(' ', '-')}-{kind}.gguf", kind,
-                                    log=lambda message: None)
+                model = export_gguf(folder, Path(scratch) / f"{shape.replace(' ', '-')}-{kind}.gguf", kind)
                 rows[f"llama.cpp {kind}"] = llama_bench(binaries, model, args.threads, args.prompt_tokens,
                                                         args.new_tokens, args.repeats)
             reference = rows["ours"]

@@ -1,7 +1,7 @@
 """LoRA against full fine-tuning at the qwen3-0.6b shape: peak memory and step time, side by side.
 
 Random weights (the shape is what matters), short sequences, a few steps of the training loop's own
-pieces: the model plus its sliced loss (qwen3.train.parts.CausalLMLoss), AdamW as `qwen3 sft` builds
+pieces: the model plus its sliced loss (qwen3.model.loss.CausalLMLoss), AdamW as `qwen3 sft` builds
 it, gradient clipping, and for LoRA peft's adapters injected as `--lora-rank` does
 (qwen3.model.lora.add_lora, every projection, rank 16). Each case runs in its own process, so each peak is
 its own: on a GPU torch.cuda.max_memory_allocated, on the CPU the peak RSS minus the RSS before the
@@ -22,14 +22,14 @@ import time
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
     import torch
+    from train_throughput import training_step
 
     from qwen3.config import LORA_PROJECTIONS, preset
-    from qwen3.model.lora import add_lora
     from qwen3.model.decoder import Qwen3ForCausalLM
-    from qwen3.train.muon import build_optimizers
+    from qwen3.model.lora import add_lora
+    from qwen3.model.loss import CausalLMLoss
     from qwen3.runtime import peak_rss_mb, synchronize
-    from train_throughput import training_step
-    from qwen3.train.parts import CausalLMLoss
+    from qwen3.train.muon import build_optimizers
 
     device = torch.device(args.device)
     rss_before = peak_rss_mb() * 2**20

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from qwen3.config import apply_overrides, preset
-from qwen3.train.runfiles import pyplot, save_png
 from qwen3.data.sources import kjv_books
 from qwen3.train.loop import train
+from qwen3.train.runfiles import pyplot, save_png
 
 MUON_GRID = [0.005, 0.01, 0.02, 0.04]
 ADAMW_GRID = [1e-3, 3e-3, 1e-2]

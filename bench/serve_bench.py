@@ -36,24 +36,24 @@ import argparse
 import asyncio
 import json
 import os
-from collections import Counter
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import torch
 
-from qwen3.model.checkpoint import find_checkpoint, save_model
 from qwen3.config import preset
 from qwen3.data.sources import kjv_books
-from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.data.tokenizer import train_tokenizer
+from qwen3.model.checkpoint import find_checkpoint, save_model
+from qwen3.model.decoder import Qwen3ForCausalLM
 
 LEVELS = (1, 4, 16)
 PROMPTS = [

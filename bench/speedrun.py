@@ -38,12 +38,18 @@ from typing import Any
 
 import torch
 
-from qwen3.config import ModelConfig, TrainConfig, apply_overrides, parse_set_arguments, preset
-from qwen3.errors import print_to_stderr
-from qwen3.train.runfiles import pyplot, save_png
+from qwen3.config import (
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    parse_set_arguments,
+    preset,
+)
+from qwen3.errors import log
 from qwen3.runtime import autocast_for
 from qwen3.train.loop import setup, train_step
-from qwen3.train.parts import prepare_text
+from qwen3.train.runfiles import pyplot, save_png
+from qwen3.train.stages.pretrain import Pretraining
 
 # What the speedrun preset changes from the seed recipe, by name: the fields each change sets. The
 # ablation undoes one change at a time (those fields back to the seed's values).
@@ -128,15 +134,14 @@ def train_to_target(name: str, model_config: ModelConfig, train_config: TrainCon
         if state.step % every and state.step != train_config.max_steps:
             continue
         start = time.perf_counter()
-        result = state.stage.evaluate(state.model, state.data, state.layout.seq_len, train_config.batch_size,
-                                      device, autocast_for(device, state.autocast_dtype), 0, 1)
+        result = state.stage.evaluate(state.model, train_config.batch_size, device,
+                                      autocast_for(device, state.autocast_dtype))
         state.model.train()
         run.eval_seconds += time.perf_counter() - start
         previous = run.curve[-1] if run.curve else None
         run.curve.append(Point(state.step, state.step * state.layout.tokens_per_step, seconds,
                                result.bits_per_byte))
-        print_to_stderr(f"  {name} seed {seed}: step {state.step}, {seconds:.1f} s, "
-                        f"{result.bits_per_byte:.4f} bits/byte")
+        log(f"  {name} seed {seed}: step {state.step}, {seconds:.1f} s, {result.bits_per_byte:.4f} bits/byte")
         if target is not None and result.bits_per_byte <= target:
             run.seconds_to_target = crossing(previous, run.curve[-1], target)
             break
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, overrides in recipes.values():
             model_config, train_config = recipe(name, overrides, args.data, 0, Path("unused"))
             seq_len = train_config.seq_len or model_config.max_position_embeddings
-            prepare_text(train_config, train_config.tokenizer, seq_len, True, print_to_stderr)
+            Pretraining.prepare(train_config, train_config.tokenizer, seq_len, progress=True)
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                                                     initializer=torch.set_num_threads,
                                                     initargs=(torch.get_num_threads(),)) as pool:

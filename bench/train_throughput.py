@@ -5,7 +5,7 @@ tokens), the same autocast dtype (the one `qwen3 train` picks on this machine, o
 (float32 cross-entropy over every position: transformers' from the full logits, ours a slice of rows
 at a time, qwen3/model/loss.py) and the same optimizer (fused AdamW) with gradient
 clipping, as in qwen3/train/loop.py. Each case runs in its own process, one after another, so the
-allocator settings can differ: glibc as it comes, glibc tuned by `qwen3.train.loop.tune_malloc` (what
+allocator settings can differ: glibc as it comes, glibc tuned by `qwen3.allocator.tune_malloc` (what
 training does by default), and jemalloc / tcmalloc through LD_PRELOAD where the system has them.
 
 Prints tokens/s (median of the timed steps; the best of `--rounds` rounds, which run every case in
@@ -31,11 +31,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qwen3.allocator import tune_malloc
 from qwen3.config import ModelConfig, preset
 from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.model.loss import CausalLMLoss
+from qwen3.runtime import (
+    autocast_for,
+    native_bfloat16,
+    peak_flops,
+    peak_rss_mb,
+    resolve_dtype,
+)
 from qwen3.train.muon import build_optimizers
-from qwen3.runtime import autocast_for, native_bfloat16, peak_flops, peak_rss_mb, resolve_dtype, tune_malloc
-from qwen3.train.loop import CausalLMLoss, flops_per_token
+from qwen3.train.plan import flops_per_token
 
 PRELOAD_CANDIDATES = {
     "jemalloc": ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2"],
@@ -54,7 +62,8 @@ class TransformersLoss(torch.nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        from transformers import Qwen3Config, Qwen3ForCausalLM as Reference
+        from transformers import Qwen3Config
+        from transformers import Qwen3ForCausalLM as Reference
 
         hf = config.to_hf_dict()
         for key in ("architectures", "model_type", "torch_dtype"):

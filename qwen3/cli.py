@@ -36,9 +36,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from qwen3.config import apply_overrides, load_toml, parse_set_arguments, resolve
-    from qwen3.train.start import resume_point
     from qwen3.train.loop import train
-    from qwen3.train.parts import init_checkpoint
+    from qwen3.train.start import init_checkpoint, resume_configs
 
     # The dedicated flags win over --set, which wins over the TOML file, which wins over the preset
     # (or, with --resume, over the resumed run's saved configs).
@@ -54,8 +53,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise UserError("--out cannot differ from --resume: a resumed run continues in its own folder")
         overrides = {**(load_toml(args.config) if args.config else {}),
                      **parse_set_arguments(args.set), **flags}
-        point = resume_point(args.resume, overrides)  # reads trainer_state.pt, once
-        result = train(point.model_config, point.train_config, resume=point)
+        model_config, train_config = resume_configs(args.resume, overrides)
+        result = train(model_config, train_config, resume=True)
     else:
         model = None
         if args.init_from:
@@ -133,8 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from qwen3.infer.export import export_gguf, write_modelfile
     from qwen3.data.tokenizer import SPECIAL_TOKENS
+    from qwen3.infer.export import export_gguf, write_modelfile
 
     out = export_gguf(args.dir, args.gguf, args.type, force=args.force)
     modelfile = write_modelfile(Path(out), [token for token in SPECIAL_TOKENS if token != "<|im_start|>"])
@@ -168,9 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from this checkpoint's weights and tokenizer (any Hugging Face Qwen3 "
                             "folder; a run folder means its best/): fresh optimizer and schedule")
     train.add_argument("--optimizer", choices=["muon", "adamw"])
-    train.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override any model or train config field (repeatable)")
+    add_run_options(train, "any model or train config field")
     train.set_defaults(handler=cmd_train)
 
     sft = commands.add_parser("sft", help="chat fine-tuning: the loss on the assistant's replies")
@@ -185,9 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--lora-targets", metavar="NAMES",
                      help="comma-separated projections to adapt (default: q,k,v,o,gate,up,down _proj)")
     sft.add_argument("--config", metavar="FILE.toml", help="TOML file with a [train] table")
-    sft.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
-    sft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override any train config field (repeatable)")
+    add_run_options(sft, "any train config field")
     sft.set_defaults(handler=cmd_sft)
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on validation data")
@@ -236,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
     export.set_defaults(handler=cmd_export)
     return parser
+
+
+def add_run_options(parser: argparse.ArgumentParser, settable: str) -> None:
+    """The options every training command shares: compilation and `--set` overrides of `settable`."""
+    parser.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override {settable} (repeatable)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
