@@ -1,9 +1,12 @@
 """Fixtures shared by several test modules."""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+import released
 
 
 @pytest.fixture(scope="module")
@@ -14,3 +17,12 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def released_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A released-style Qwen3 folder (tests/released.py): 151,936 tokens, 40,960 positions, bfloat16,
+    the released tokenizer, chat template and generation config; random weights, hidden 64 x 2 layers."""
+    if (why := released.missing()) is not None:
+        pytest.skip(why)
+    return released.write_released_folder(tmp_path_factory.mktemp("released") / "Qwen3-tiny")

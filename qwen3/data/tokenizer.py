@@ -38,16 +38,9 @@ QWEN_PRETOKENIZE_REGEX = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Qwen's chat format without tools or thinking: each message is
-# <|im_start|>role\ncontent<|im_end|>\n, and the generation prompt opens an assistant turn.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- endif %}"
-)
+# Qwen3's chat format with thinking and tool calls (chat_template.jinja says how it renders); a
+# conversation of plain messages is plain ChatML: <|im_start|>role\ncontent<|im_end|>\n per message.
+CHAT_TEMPLATE = (Path(__file__).parent / "chat_template.jinja").read_text(encoding="utf-8")
 
 DEFAULT_MODEL_MAX_LENGTH = 32768
 
