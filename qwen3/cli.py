@@ -104,8 +104,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from qwen3.infer.engine import load_engine
     from qwen3.infer.sampling import SamplingParams
 
-    params = SamplingParams.from_dict(vars(args))
+    SamplingParams.resolve(vars(args))  # a bad setting is refused before the model loads
     engine = load_engine(args.dir, device=args.device, quantize=args.quantize, compile=args.compile)
+    params = SamplingParams.resolve(vars(args), engine.sampling_defaults)
     for piece in engine.stream(args.prompt, params):  # the generated text alone, as it comes
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -115,10 +116,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from qwen3.infer.chat import run_chat
-    from qwen3.infer.sampling import SamplingParams
 
-    run_chat(args.dir, SamplingParams.from_dict(vars(args)), device=args.device,
-             quantize=args.quantize, compile=args.compile)
+    run_chat(args.dir, vars(args), device=args.device, quantize=args.quantize, compile=args.compile)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -241,12 +240,13 @@ def add_run_options(parser: argparse.ArgumentParser, settable: str) -> None:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    model = "default: the model's generation_config.json, else"
     parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
-    parser.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy")
-    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 disables")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P")
-    parser.add_argument("--min-p", type=float, default=0.0, metavar="P")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R")
+    parser.add_argument("--temperature", type=float, metavar="T", help=f"0 is greedy ({model} 0.8)")
+    parser.add_argument("--top-k", type=int, metavar="K", help=f"0 disables ({model} 0)")
+    parser.add_argument("--top-p", type=float, metavar="P", help=f"{model} 1.0")
+    parser.add_argument("--min-p", type=float, metavar="P", help=f"{model} 0.0")
+    parser.add_argument("--repetition-penalty", type=float, metavar="R", help=f"{model} 1.0")
     parser.add_argument("--seed", type=int, default=None, metavar="S")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT")
     parser.add_argument("--quantize", choices=["int8"], default=None)

@@ -4,9 +4,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-
 import released
+import torch
 
 
 @pytest.fixture(scope="module")

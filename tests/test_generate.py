@@ -14,7 +14,7 @@ import torch
 from qwen3.config import ModelConfig
 from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
 from qwen3.errors import UserError
-from qwen3.infer.engine import Engine, IncrementalDecoder, SequenceState, load_engine
+from qwen3.infer.engine import Engine, IncrementalDecoder, load_engine
 from qwen3.infer.sampling import BatchSampler, SamplingParams, StopChecker
 from qwen3.model.checkpoint import save_model
 from qwen3.model.decoder import Qwen3ForCausalLM
@@ -114,8 +114,7 @@ def test_rows_that_join_and_leave_a_cache_decode_as_each_prompt_alone(engine: En
     leave), decode exactly as each prompt alone."""
     prompts = ["In the beginning God", "And", "The LORD is my"]
     alone = [engine.generate(prompt, GREEDY).token_ids for prompt in prompts]
-    states = [SequenceState(engine.tokenizer.encode(prompt), GREEDY, GREEDY.max_new_tokens,
-                            engine.tokenizer, engine.device) for prompt in prompts]
+    states = [engine.sequence(engine.tokenizer.encode(prompt), GREEDY, GREEDY.max_new_tokens) for prompt in prompts]
     cache = engine.model.new_kv_cache(len(prompts), 64)
     _, first_tokens, _ = engine.prefill(states[:1], cache.slots(0, 1))
     _, second_tokens, _ = engine.prefill(states[1:], cache.slots(1, 3))
@@ -219,7 +218,7 @@ def test_sampling_params_validation() -> None:
                          ("min_p", 2.0), ("repetition_penalty", 0), ("seed", "x"), ("stop", "end")]:
         with pytest.raises(UserError, match=field):
             SamplingParams(**{field: value}).validate()
-    assert SamplingParams.from_dict({"temperature": 0, "other": 1}).temperature == 0
+    assert SamplingParams.resolve({"temperature": 0, "other": 1}).temperature == 0
 
 
 def test_stop_string_ends_the_text_before_it(engine: Engine) -> None:

@@ -146,7 +146,7 @@ def make_jobs(scheduler: Scheduler, lengths: list[tuple[int, int]], loop: asynci
     for index, (prompt_tokens, max_tokens) in enumerate(lengths):
         prompt = torch.randint(10, vocab_size, (prompt_tokens,), generator=generator).tolist()
         params = SamplingParams(temperature=0, max_new_tokens=max_tokens, stop_token_ids=[])
-        jobs.append(Job(prompt, params, scheduler.engine.tokenizer, scheduler.device, index, events, loop))
+        jobs.append(Job(prompt, params, scheduler.engine, index, events, loop))
     return jobs
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,8 +33,18 @@ import torch
 
 from qwen3.data.tokenizer import Tokenizer, load_tokenizer
 from qwen3.errors import UserError, logger
-from qwen3.infer.sampling import BatchSampler, SamplingParams, StopChecker
-from qwen3.model.checkpoint import CheckpointError, find_checkpoint, load_model
+from qwen3.infer.sampling import (
+    BatchSampler,
+    SamplingParams,
+    StopChecker,
+    generation_defaults,
+)
+from qwen3.model.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    load_generation_config,
+    load_model,
+)
 from qwen3.model.kv_cache import KVCache
 from qwen3.runtime import resolve_device
 
@@ -109,14 +119,14 @@ class SequenceState:
     (The server's scheduler keeps one per request too.)"""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
-                 tokenizer: Tokenizer, device: torch.device) -> None:
+                 tokenizer: Tokenizer, device: torch.device, stop_token_ids: list[int]) -> None:
         self.prompt_tokens = len(prompt_ids)
         self.params = params
         self.max_new_tokens = max_new_tokens
         self.generator = (torch.Generator(device=device).manual_seed(params.seed)
                           if params.seed is not None else None)
-        stop_ids = params.stop_token_ids if params.stop_token_ids is not None else tokenizer.stop_token_ids
-        self.stop_token_ids = set(stop_ids)
+        # The request's own stop ids, else the model's (`Engine.stop_token_ids`).
+        self.stop_token_ids = set(params.stop_token_ids if params.stop_token_ids is not None else stop_token_ids)
         self.context = list(prompt_ids)  # prompt + generated ids, for the repetition penalty
         self.token_ids: list[int] = []
         self.decoder = IncrementalDecoder(tokenizer)
@@ -238,10 +248,17 @@ class Engine:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, compile: bool = False,
-                 checkpoint: Path | None = None) -> None:
+                 checkpoint: Path | None = None, generation_config: Mapping[str, Any] | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint  # the folder the model was loaded from, when it was
+        generation_config = generation_config or {}
+        # The model's own sampling (generation_config.json), under what a user sets.
+        self.sampling_defaults = generation_defaults(generation_config)
+        # What ends a reply: the config's eos ids, then the tokenizer's (eos, <|im_end|>, <|endoftext|>).
+        eos = generation_config.get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+        self.stop_token_ids = list(dict.fromkeys([*eos, *tokenizer.stop_token_ids]))
         self.device = model.model.embed_tokens.weight.device
         self.last_completion: Completion | None = None
         self.prefill_step: DecodeStep = functools.partial(next_token_logits, model)
@@ -298,7 +315,11 @@ class Engine:
         if max_new < params.max_new_tokens:
             logger.warning("max_new_tokens limited to %d: the prompt has %d tokens and the context %d",
                            max_new, len(ids), self.max_context)
-        return SequenceState(ids, params, max_new, self.tokenizer, self.device)
+        return self.sequence(ids, params, max_new)
+
+    def sequence(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int) -> SequenceState:
+        """The state of one prompt to generate for, with this model's tokenizer, device and stop ids."""
+        return SequenceState(prompt_ids, params, max_new_tokens, self.tokenizer, self.device, self.stop_token_ids)
 
     def sampler(self, sequences: list[SequenceState]) -> BatchSampler:
         """The sampling of a batch of these sequences (their settings, RNGs and seen ids)."""
@@ -404,4 +425,5 @@ def load_engine(path: str | Path, device: str = "auto", quantize: str | None = N
         model = quantize_int8(model)
     elif quantize is not None:
         raise UserError(f"unknown quantization {quantize!r} (supported: int8)")
-    return Engine(model, load_tokenizer(folder), compile=compile, checkpoint=folder)
+    return Engine(model, load_tokenizer(folder), compile=compile, checkpoint=folder,
+                  generation_config=load_generation_config(folder))

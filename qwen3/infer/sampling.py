@@ -3,6 +3,7 @@
 Kept apart from the decode loop (engine.py) because it is pure math on a (B, V) logits matrix and
 the per-row settings; the CLI, the chat and the server's scheduler all sample through it:
   SamplingParams      what a request asks for (temperature, top-k/p, min-p, penalty, seed, stops);
+                      `resolve` puts the user's settings over the model's generation_config.json;
                       DEMO_PARAMS, the demo's and the training samples' settings
   BatchSampler        the sampling steps of a batch, each row with its own parameters and RNG
   StopChecker         withholds text that may begin a stop string; cuts the text before one
@@ -31,12 +32,19 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # strings that end the text (not included)
-    stop_token_ids: list[int] | None = None  # None: the tokenizer's stop tokens (eos, <|im_end|>)
+    stop_token_ids: list[int] | None = None  # None: the model's stop tokens (Engine.stop_token_ids)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> SamplingParams:
-        """The fields present in `values` (e.g. `vars(args)` of the CLI), validated; others ignored."""
-        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values}).validate()
+    def resolve(cls, given: Mapping[str, Any], model: Mapping[str, Any] | None = None,
+                base: SamplingParams | None = None) -> SamplingParams:
+        """Each field from `given` where it is set (not None; other keys, e.g. the rest of a CLI's
+        arguments, are ignored), else from the model's own defaults (`model`, the fields its
+        generation_config.json sets: `generation_defaults`), else from `base` (the caller's own
+        defaults; these fields' defaults when None). Validated."""
+        values = {f.name: getattr(base or cls(), f.name) for f in fields(cls)}
+        values.update(model or {})
+        values.update({name: value for name, value in given.items() if name in values and value is not None})
+        return cls(**values).validate()
 
     def validate(self) -> SamplingParams:
         """Raise UserError naming the first field with an impossible value; return self."""
@@ -72,6 +80,22 @@ class SamplingParams:
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise UserError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         return self
+
+
+# The settings a model's generation_config.json may give (transformers' names are ours).
+MODEL_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def generation_defaults(generation_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling a model's generation_config.json asks for, as SamplingParams fields: those of
+    MODEL_SAMPLING_FIELDS it sets to a number, and temperature 0 (greedy) where `do_sample` is false.
+    What the file leaves out is the caller's to default, as transformers and vLLM do."""
+    defaults = {name: generation_config[name] for name in MODEL_SAMPLING_FIELDS
+                if isinstance(generation_config.get(name), (int, float))
+                and not isinstance(generation_config.get(name), bool)}
+    if generation_config.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
 
 
 # The demo's settings (infer/demo.py), which the training samples also draw with (train/samples.py).

@@ -34,6 +34,7 @@ from qwen3.model.lora import lora_layers, plain_state_dict, save_adapter
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 TRAINER_STATE_NAME = "trainer_state.pt"
+GENERATION_CONFIG_NAME = "generation_config.json"
 CHECKPOINT_NAMES = ("best", "last")  # the checkpoints of a run folder, in the order a reader prefers them
 ADAPTER_FOLDER = "adapter"  # a LoRA run's adapters alone, in peft's format
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -62,7 +63,7 @@ def save_model(model: Qwen3ForCausalLM, path: str | Path, tokenizer: Any = None,
             generation["eos_token_id"] = list(tokenizer.stop_token_ids) or config.eos_token_id
             generation["pad_token_id"] = tokenizer.pad_token_id
             tokenizer.save_pretrained(folder)
-        write_json(folder / "generation_config.json", generation)
+        write_json(folder / GENERATION_CONFIG_NAME, generation)
         if trainer_state is not None:
             torch.save(trainer_state, folder / TRAINER_STATE_NAME)
         if lora_layers(model):
@@ -104,6 +105,12 @@ def load_config(folder: str | Path) -> ModelConfig:
         return ModelConfig.from_hf_dict(data)
     except (UserError, TypeError) as error:
         raise CheckpointError(f"{file}: {error}") from None
+
+
+def load_generation_config(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint folder's generation_config.json (eos ids, sampling defaults), {} when it has none."""
+    file = Path(folder) / GENERATION_CONFIG_NAME
+    return read_json_object(file, CheckpointError) if file.is_file() else {}
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:

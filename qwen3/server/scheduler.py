@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from qwen3.errors import UserError, logger
-from qwen3.infer.engine import Engine, SequenceState
+from qwen3.infer.engine import Engine
 from qwen3.infer.sampling import BatchSampler, SamplingParams
 from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.model.kv_cache import KVCache
@@ -60,9 +60,9 @@ class Job:
     and read by the scheduler thread, which then drops the row.
     """
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer, device: torch.device,
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, engine: Engine,
                  index: int, events: asyncio.Queue[Event], loop: asyncio.AbstractEventLoop) -> None:
-        self.state = SequenceState(prompt_ids, params, params.max_new_tokens, tokenizer, device)
+        self.state = engine.sequence(prompt_ids, params, params.max_new_tokens)
         self.index = index
         self.events = events
         self.loop = loop

@@ -148,8 +148,8 @@ class CompletionService:
             raise APIError(400, f"{len(prompts)} prompts x n={body.n} is more sequences than this server "
                                 f"queues at once ({self.scheduler.max_queue})", param="n")
         loop = asyncio.get_running_loop()
-        return [Job(ids, self.sampling_params(body, ids, max_tokens, chat, choice), self.tokenizer,
-                    self.scheduler.device, index=p * body.n + choice, events=events, loop=loop)
+        return [Job(ids, self.sampling_params(body, ids, max_tokens, chat, choice), self.scheduler.engine,
+                    index=p * body.n + choice, events=events, loop=loop)
                 for p, ids in enumerate(prompts) for choice in range(body.n)]
 
     async def respond(self, request: Request, body: GenerationRequest, prompts: list[list[int]],
