@@ -37,7 +37,7 @@ from qwen3.infer.engine import Engine, quantize_int8
 from qwen3.infer.sampling import SamplingParams
 from qwen3.model.checkpoint import find_checkpoint, load_model, save_model
 from qwen3.model.decoder import Qwen3ForCausalLM
-from qwen3.runtime import resolve_device
+from qwen3.runtime import device_name, resolve_device, synchronize
 
 # Public-domain text (Genesis 1:1-8, King James Version) for the perplexity comparison.
 TEXT = """In the beginning God created the heaven and the earth. And the earth was without form, and
@@ -57,8 +57,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 def seconds(function: Callable[[], object], device: torch.device, clock: Callable[[], float]) -> float:
     start = clock()
     function()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return clock() - start
 
 
@@ -167,7 +166,7 @@ def int8_comparison(folder: Path, label: str, repeats: int, new_tokens: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", help="checkpoint or run folder (default: random seed-shape model)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
@@ -191,8 +190,7 @@ def main() -> None:
         print(f"checkpoint {args.checkpoint or 'random seed shape'}: hidden {config.hidden_size}, "
               f"{config.num_hidden_layers} layers, vocab {config.vocab_size}, context "
               f"{config.max_position_embeddings}")
-        print(f"device {device}"
-              f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+        print(f"device {device} ({device_name(device)}), "
               f"dtype {args.dtype}, torch {torch.__version__}, transformers {transformers.__version__}, "
               f"torch.set_num_threads({args.threads}) of {torch.get_num_interop_threads()} interop; "
               f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new, median of {args.repeats}, "

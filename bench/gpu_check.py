@@ -1,7 +1,9 @@
-"""The GPU check: every CUDA path of the project in one short run, printed as one table.
+"""The GPU check: every GPU path of the project (CUDA, or Apple silicon's MPS) in one short run,
+printed as one table.
 
 Run it whenever a GPU is at hand, and put its table in the README. It runs the same code on the CPU
-with tiny shapes (`--reduced`, what the test suite does) so that it cannot rot between GPUs.
+with tiny shapes (`--reduced`, what the test suite does) so that it cannot rot between GPUs. On MPS
+the reduced shapes are the default too (a laptop's memory); `--full` asks for the full ones.
 
     train    training steps as `qwen3 train` takes them (autocast in the device's dtype, Muon + AdamW,
              clipping), eager and compiled, at the seed shape and at the qwen3-0.6b shape: tokens/s,
@@ -15,6 +17,7 @@ with tiny shapes (`--reduced`, what the test suite does) so that it cannot rot b
 
     python bench/gpu_check.py                      # about 6 minutes on one H100-class GPU
     python bench/gpu_check.py --reduced            # tiny shapes, any device (3-6 minutes on 2 CPU cores)
+    python bench/gpu_check.py --device mps         # an Apple silicon Mac (reduced shapes; --full for all)
     python bench/gpu_check.py --sections train,decode --json check.json
 """
 
@@ -42,14 +45,8 @@ import train_throughput
 from qwen3.config import ModelConfig, preset
 from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.model.loss import CausalLMLoss
-from qwen3.runtime import (
-    init_distributed,
-    peak_flops,
-    peak_rss_mb,
-    resolve_device,
-    resolve_dtype,
-    synchronize,
-)
+from qwen3.runtime import (device_name, init_distributed, peak_flops, peak_rss_mb, resolve_device, resolve_dtype,
+                           synchronize)
 from qwen3.train.muon import build_optimizers
 from qwen3.train.parallel import wrap_step_model
 from qwen3.train.plan import flops_per_token
@@ -86,10 +83,20 @@ def plan(reduced: bool) -> Plan:
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """The device's peak allocated memory since the last reset; on the CPU the process's peak RSS."""
+    """The device's peak allocated memory since the last reset; on MPS, which keeps no peak, what
+    Metal holds now; on the CPU the process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 1e9
     return peak_rss_mb() * 2**20 / 1e9
+
+
+def release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 def time_training(name: str, step_module: torch.nn.Module, params: list[torch.nn.Parameter],
@@ -133,8 +140,7 @@ def train_section(sizes: Plan, device: torch.device, dtype: torch.dtype, log: Ca
             rows_out.append(time_training(f"{shape} {rows}x{seq_len}, {contender}", step_module, params,
                                           optimizers, config, rows, seq_len, sizes, device, dtype, peak))
             del module, step_module, optimizers, params
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_cached_memory(device)
     return rows_out
 
 
@@ -232,7 +238,8 @@ def print_table(rows: list[dict], header: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reduced", action="store_true", help="tiny shapes (the default without a GPU)")
+    parser.add_argument("--reduced", action="store_true", help="tiny shapes (the default without CUDA)")
+    parser.add_argument("--full", action="store_true", help="the full shapes on MPS")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -241,12 +248,12 @@ def main() -> None:
     if unknown := set(sections) - set(SECTIONS):
         raise SystemExit(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
     device = resolve_device(args.device)
-    reduced = args.reduced or device.type != "cuda"
+    reduced = args.reduced or device.type == "cpu" or (device.type == "mps" and not args.full)
     sizes = plan(reduced)
     dtype = resolve_dtype("auto", device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    header = (f"{name} ({torch.cuda.device_count() if device.type == 'cuda' else os.cpu_count()} "
-              f"{'GPUs' if device.type == 'cuda' else 'cores'}), {str(dtype).removeprefix('torch.')}, torch "
+    units = (f"{torch.cuda.device_count()} GPUs" if device.type == "cuda"
+             else "1 GPU" if device.type == "mps" else f"{os.cpu_count()} cores")
+    header = (f"{device_name(device)} ({units}), {str(dtype).removeprefix('torch.')}, torch "
               f"{torch.__version__}, {'reduced' if reduced else 'full'} sizes")
     started = time.perf_counter()
 

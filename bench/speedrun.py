@@ -38,13 +38,7 @@ from typing import Any
 
 import torch
 
-from qwen3.config import (
-    ModelConfig,
-    TrainConfig,
-    apply_overrides,
-    parse_set_arguments,
-    preset,
-)
+from qwen3.config import ModelConfig, TrainConfig, apply_overrides, parse_set_arguments, preset
 from qwen3.errors import log
 from qwen3.runtime import autocast_for
 from qwen3.train.loop import setup, train_step

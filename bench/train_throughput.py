@@ -35,13 +35,7 @@ from qwen3.allocator import tune_malloc
 from qwen3.config import ModelConfig, preset
 from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.model.loss import CausalLMLoss
-from qwen3.runtime import (
-    autocast_for,
-    native_bfloat16,
-    peak_flops,
-    peak_rss_mb,
-    resolve_dtype,
-)
+from qwen3.runtime import autocast_for, native_bfloat16, peak_flops, peak_rss_mb, resolve_dtype
 from qwen3.train.muon import build_optimizers
 from qwen3.train.plan import flops_per_token
 

@@ -105,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from qwen3.infer.sampling import SamplingParams
 
     SamplingParams.resolve(vars(args))  # a bad setting is refused before the model loads
-    engine = load_engine(args.dir, device=args.device, quantize=args.quantize, compile=args.compile)
+    engine = load_engine(args.dir, device=args.device, quantize=args.quantize, compile=args.compile, dtype=args.dtype)
     params = SamplingParams.resolve(vars(args), engine.sampling_defaults)
     for piece in engine.stream(args.prompt, params):  # the generated text alone, as it comes
         sys.stdout.write(piece)
@@ -117,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from qwen3.infer.chat import run_chat
 
-    run_chat(args.dir, vars(args), device=args.device, quantize=args.quantize, compile=args.compile)
+    run_chat(args.dir, vars(args), device=args.device, quantize=args.quantize, compile=args.compile, dtype=args.dtype)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -125,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(args.dir, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           device=args.device, max_seq_len=args.max_seq_len, chat_max_tokens=args.default_max_tokens,
-          compile=args.compile)
+          compile=args.compile, dtype=args.dtype)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reply length of a chat request without max_tokens (at most what the context leaves)")
     serve.add_argument("--compile", action="store_true",
                        help="torch.compile the decode step (CUDA graphs on a GPU)")
-    serve.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    add_device_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
 
     export = commands.add_parser("export", help="write a checkpoint as GGUF for llama.cpp, Ollama, LM Studio")
@@ -251,7 +251,15 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT")
     parser.add_argument("--quantize", choices=["int8"], default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    add_device_arguments(parser)
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where inference runs and in which dtype its weights are held."""
+    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="the weights' dtype; auto: a 16-bit checkpoint in bfloat16 where the device "
+                             "multiplies it natively, else float32")
 
 
 def is_main_process() -> bool:

@@ -174,7 +174,7 @@ class TrainConfig:
     seed: int = 42
     dtype: str = "auto"  # auto, float32, bfloat16, float16
     compile: bool = False
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps
     peak_flops: float = 0.0  # FLOP/s that MFU is reported against; 0: a GPU table, else a matmul probe
 
     def __post_init__(self) -> None:
@@ -213,8 +213,8 @@ class TrainConfig:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(
                 f"dtype must be one of auto, float32, bfloat16, float16, got {self.dtype!r}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
 
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {

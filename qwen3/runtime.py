@@ -49,30 +49,39 @@ PREPARATION_TIMEOUT = datetime.timedelta(hours=24)
 
 
 def resolve_device(device: str) -> torch.device:
-    """The device a --device value names: "auto" is cuda when available, else cpu."""
+    """The device a --device value names: "auto" is CUDA when available, else Apple silicon's GPU
+    (MPS), else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError:
         resolved = None
-    if resolved is None or resolved.type not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r} requested but CUDA is not available")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device 'mps' requested but this machine has no MPS (Apple silicon, macOS 12.3 or later, "
+                        "and a PyTorch built with MPS)")
     return resolved
 
 
 def native_bfloat16(device: torch.device | str) -> bool:
     """Whether bfloat16 matmuls run at full speed on `device`.
 
-    True on GPUs with bfloat16 tensor cores (Ampere and later; a V100 or T4 only emulates it) and on
-    CPUs with AVX512-BF16 or AMX. Elsewhere (e.g. AVX2-only CPUs) oneDNN emulates them: measured
-    0.7 GFLOP/s in bfloat16 against 143 GFLOP/s in float32 on a 2-core EPYC.
+    True on GPUs with bfloat16 tensor cores (Ampere and later; a V100 or T4 only emulates it), on
+    Apple silicon's GPU from macOS 14 (MPS has bfloat16 kernels from then on) and on CPUs with
+    AVX512-BF16 or AMX. Elsewhere (e.g. AVX2-only CPUs) oneDNN emulates them: measured 0.7 GFLOP/s
+    in bfloat16 against 143 GFLOP/s in float32 on a 2-core EPYC.
     """
     device = torch.device(device)
     if device.type == "cuda":
         return _cuda_native_bfloat16(device.index if device.index is not None else torch.cuda.current_device())
+    if device.type == "mps":
+        return torch.backends.mps.is_macos_or_newer(14, 0)
     return device.type != "cpu" or _cpu_native_bfloat16()
 
 
@@ -115,6 +124,15 @@ def gpu_peak_flops(name: str) -> float | None:
     return GPU_PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
+def device_name(device: torch.device) -> str:
+    """What run.json and the benchmarks call the device: the GPU's name, Apple's GPU, or the CPU's model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple GPU (MPS, {platform.machine()})"
+    return cpu_name()
+
+
 def cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -124,10 +142,13 @@ def cpu_name() -> str:
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on `device`: CUDA's free memory, or on a Linux CPU the
-    kernel's MemAvailable (free plus reclaimable page cache); None where it is not known."""
+    """Bytes that can still be allocated on `device`: CUDA's free memory, what Metal recommends for
+    MPS less what it holds, or on a Linux CPU the kernel's MemAvailable (free plus reclaimable page
+    cache); None where it is not known."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return max(0, torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
     if device.type != "cpu":
         return None
     try:
@@ -141,8 +162,11 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait until the device has run what was queued on it (GPUs return before; the CPU does not)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def peak_rss_mb() -> float:
@@ -166,11 +190,37 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.float16
         return torch.bfloat16 if native_bfloat16(device) else torch.float32
     if name == "float16" and device.type != "cuda":
-        raise UserError("dtype float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
+        raise UserError(f"dtype float16 trains on CUDA devices only; use bfloat16 or float32 on {device.type}")
     if name == "bfloat16" and device.type == "cuda" and not native_bfloat16(device):
         raise UserError(f"{torch.cuda.get_device_name(device)} has no native bfloat16; "
                         f"use float16 or float32")
     return getattr(torch, name)
+
+
+def weights_dtype(requested: str, stored: torch.dtype, device: torch.device) -> tuple[torch.dtype, str]:
+    """The dtype to hold a checkpoint's weights in for inference, and why, for `--dtype requested`
+    (auto, float32, bfloat16, float16) and weights stored as `stored`.
+
+    "auto": a 16-bit checkpoint stays 16-bit where the device multiplies bfloat16 natively (half the
+    memory and the bytes read per token, which is what decoding waits on) and becomes float32
+    elsewhere (an emulated bfloat16 matmul is ~200x slower than float32 on an AVX2 CPU); a float32
+    checkpoint runs in bfloat16 on a GPU with it (as before: half the memory, tensor cores), else
+    stays float32."""
+    where = "this CPU" if device.type == "cpu" else device.type
+    if requested != "auto":
+        if requested not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"unknown dtype {requested!r} (use auto, float32, bfloat16 or float16)")
+        return getattr(torch, requested), "as asked (--dtype)"
+    native = native_bfloat16(device)
+    stored_name = str(stored).removeprefix("torch.")
+    if stored in (torch.bfloat16, torch.float16):
+        if native:
+            return torch.bfloat16, f"the checkpoint is {stored_name} and {where} multiplies bfloat16 natively"
+        return torch.float32, (f"the checkpoint is {stored_name}, but {where} has no native bfloat16 "
+                               f"(--dtype bfloat16 halves the memory at a cost in speed)")
+    if native and device.type != "cpu":
+        return torch.bfloat16, f"{where} multiplies bfloat16 natively (the checkpoint is {stored_name})"
+    return torch.float32, f"the checkpoint is {stored_name}"
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -182,6 +232,8 @@ def rng_state(device: torch.device) -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -191,6 +243,8 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
 
 
 def seed_everything(seed: int) -> None:
@@ -244,6 +298,8 @@ def process_device(name: str, world_size: int, local_rank: int) -> torch.device:
         raise UserError(f"device {name!r} under torchrun would put every process on one GPU; use "
                         f"device=cuda (each process then takes the GPU of its LOCAL_RANK)")
     device = resolve_device(name)
+    if device.type == "mps" and world_size > 1:
+        raise UserError("torchrun on MPS: PyTorch has no process group for Apple's GPU; train in one process")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
     return device

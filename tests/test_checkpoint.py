@@ -5,6 +5,8 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,13 +16,7 @@ from transformers import Qwen3ForCausalLM as ReferenceQwen3
 from qwen3 import cli
 from qwen3.atomic import recover
 from qwen3.config import ModelConfig
-from qwen3.model.checkpoint import (
-    CheckpointError,
-    find_checkpoint,
-    load_model,
-    resume_state,
-    save_model,
-)
+from qwen3.model.checkpoint import CheckpointError, find_checkpoint, load_model, resume_state, save_model
 from qwen3.model.decoder import Qwen3ForCausalLM
 
 
@@ -69,6 +65,42 @@ def test_round_trip_in_bfloat16_and_dtype_on_load(tmp_path, input_ids):
     loaded = load_model(tmp_path / "bf16", dtype=torch.float32)
     assert loaded.model.embed_tokens.weight.dtype == torch.float32
     assert torch.equal(loaded.model.embed_tokens.weight.bfloat16(), model.model.embed_tokens.weight)
+
+
+LOAD_PEAK = """
+import sys
+import torch
+from qwen3.model.checkpoint import load_model
+from qwen3.runtime import peak_rss_mb
+
+def resident_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+with torch.device("meta"):  # the meta kernels' first use imports ~70 MB of Python: before measuring
+    torch.nn.Embedding(8, 8)
+before = resident_mb()
+model = load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+print(peak_rss_mb() - before, sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory is read from Linux's /proc")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_a_bfloat16_checkpoint_costs_its_weights_in_the_chosen_dtype_and_no_second_copy(tmp_path, dtype):
+    """48M parameters stored in bfloat16 (96 MB), loaded as float32 (192 MB) or as they are: memory
+    grows by the loaded weights and one stored tensor at most, where reading the whole file first
+    and converting it after held both copies."""
+    torch.manual_seed(0)
+    config = small_config(vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                          num_attention_heads=8, num_key_value_heads=4, head_dim=64)
+    save_model(Qwen3ForCausalLM(config).to(torch.bfloat16), tmp_path / "bf16")
+    completed = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(tmp_path / "bf16"), dtype],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    grown, weights = map(float, completed.stdout.split())
+    assert weights == pytest.approx(48.5 * (4 if dtype == "float32" else 2), rel=0.05)
+    assert grown < weights * 1.15 + 16, f"loading grew the process by {grown:.0f} MB for {weights:.0f} MB of weights"
 
 
 def listing(folder) -> list[str]:

@@ -5,14 +5,7 @@ import sys
 
 import pytest
 
-from qwen3.config import (
-    ConfigError,
-    ModelConfig,
-    TrainConfig,
-    apply_overrides,
-    preset,
-    resolve,
-)
+from qwen3.config import ConfigError, ModelConfig, TrainConfig, apply_overrides, preset, resolve
 
 
 @pytest.mark.parametrize("values,field", [

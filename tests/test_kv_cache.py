@@ -182,7 +182,7 @@ def test_scheduler_cache_stays_put_while_jobs_join_and_leave() -> None:
     cache = scheduler.cache
     assert scheduler.context == context
     assert cache.nbytes == KVCache.bytes_needed(model.config, max_batch, context, torch.float32)
-    assert scheduler.describe_cache() == "KV cache: 4 slots x 512 tokens = 1.0 MiB (float32, cpu)"
+    assert scheduler.describe_cache() == "KV cache: 4 slots x 512 tokens (the model's context) = 1.0 MiB (float32, cpu)"
     addresses = [t.data_ptr() for t in cache.keys + cache.values]
     one_slot = KVCache.bytes_needed(model.config, 1, context, torch.float32)
 
@@ -247,3 +247,22 @@ def test_compiled_step_with_cuda_graph_settings_matches_eager() -> None:
             graphs = counters["stats"]["unique_graphs"]
     assert torch.equal(results[0], results[1])
     assert counters["stats"]["unique_graphs"] - graphs <= 3
+
+
+def test_without_max_seq_len_the_cache_takes_what_fits_half_the_free_memory(monkeypatch) -> None:
+    """A model whose context would not fit: slots of the largest power of two that fits half the free
+    memory, said in the start-up line; --max-seq-len, or a context that fits, as before."""
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    engine = Engine(small_model(4096, tokenizer.vocab_size), tokenizer)
+    per_position = KVCache.bytes_needed(engine.model.config, 4, 1, torch.float32)
+    monkeypatch.setattr("qwen3.server.scheduler.available_memory", lambda device: 3000 * per_position)
+    scheduler = Scheduler(engine, max_batch=4)
+    assert scheduler.context == 1024  # 1,500 positions fit half of it
+    assert "(the most that fits 50% of the" in scheduler.describe_cache()
+    assert "the model's context is 4,096; --max-seq-len sets it" in scheduler.describe_cache()
+    assert Scheduler(engine, max_batch=4, max_seq_len=600).context == 600
+    monkeypatch.setattr("qwen3.server.scheduler.available_memory", lambda device: 10_000 * per_position)
+    assert Scheduler(engine, max_batch=4).context == 4096
+    monkeypatch.setattr("qwen3.server.scheduler.available_memory", lambda device: 300 * per_position)
+    with pytest.raises(UserError, match="4 slots of even 256 positions"):
+        Scheduler(engine, max_batch=4)

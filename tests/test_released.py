@@ -57,3 +57,17 @@ def test_the_models_sampling_is_what_a_seeded_request_draws(released_folder: Pat
     drawn = SamplingParams.resolve({"seed": seed, "max_new_tokens": 8}, engine.sampling_defaults)
     spelled = SamplingParams(temperature=0.6, top_k=20, top_p=0.95, seed=seed, max_new_tokens=8)
     assert engine.generate(PROMPT, drawn).token_ids == engine.generate(PROMPT, spelled).token_ids
+
+
+def test_the_weights_dtype_and_why_are_said_at_start_up(released_folder: Path, capsys: pytest.CaptureFixture) -> None:
+    from qwen3 import cli
+    from qwen3.runtime import native_bfloat16
+
+    cli.main(["generate", str(released_folder), "--prompt", "Hi", "--max-new-tokens", "2", "--device", "cpu"])
+    said = capsys.readouterr().err
+    if native_bfloat16("cpu"):
+        assert "parameters in bfloat16 on cpu: the checkpoint is bfloat16 and this CPU multiplies" in said
+    else:
+        assert "parameters in float32 on cpu: the checkpoint is bfloat16, but this CPU has no native" in said
+    cli.main(["generate", str(released_folder), "--prompt", "Hi", "--max-new-tokens", "2", "--dtype", "bfloat16"])
+    assert "parameters in bfloat16 on cpu: as asked (--dtype)" in capsys.readouterr().err

@@ -409,7 +409,7 @@ def test_sequence_length_and_chat_default(model, tokenizer) -> None:
     scheduler = Scheduler(Engine(model, tokenizer), max_batch=2, max_seq_len=100)
     service = CompletionService(scheduler, MODEL_NAME, chat_max_tokens=50)
     assert service.models().data[0].context_length == 100 == scheduler.cache.max_len
-    assert scheduler.describe_cache().startswith("KV cache: 2 slots x 100 tokens = ")
+    assert scheduler.describe_cache().startswith("KV cache: 2 slots x 100 tokens (--max-seq-len) = ")
     chat = parse_request(ChatRequest, b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}]}')
     assert service.sampling_params(chat, [1] * 10, None, chat=True, choice=0).max_new_tokens == 50
     assert service.sampling_params(chat, [1] * 80, None, chat=True, choice=0).max_new_tokens == 20

@@ -25,12 +25,7 @@ from qwen3.data.kjv import CHAT_PROMPTS
 from qwen3.data.sources import kjv_books
 from qwen3.data.tokenizer import IM_END, train_tokenizer
 from qwen3.errors import UserError
-from qwen3.model.checkpoint import (
-    load_config,
-    load_model,
-    load_trainer_state,
-    save_model,
-)
+from qwen3.model.checkpoint import load_config, load_model, load_trainer_state, save_model
 from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.train.chat_scores import score_chat
 from qwen3.train.loop import run, setup, train
@@ -272,9 +267,7 @@ def test_lora_trains_only_the_adapters_and_the_merged_checkpoint_computes_the_pe
         merged = load_model(out / "last")
         assert (merged(input_ids) - peft_logits).abs().max() < 1e-5
         # A plain folder: transformers loads it; peft loads the adapter beside it onto the base.
-        from peft import (
-            PeftModel,  # imported here: it takes seconds, and only this test needs it
-        )
+        from peft import PeftModel  # imported here: it takes seconds, and only this test needs it
 
         reference = AutoModelForCausalLM.from_pretrained(out / "last", attn_implementation="eager").eval()
         assert (reference(input_ids).logits - peft_logits).abs().max() < 1e-4

@@ -5,12 +5,7 @@ import json
 import pytest
 
 from qwen3.data.sources import kjv_books
-from qwen3.data.tokenizer import (
-    SPECIAL_TOKENS,
-    Tokenizer,
-    load_tokenizer,
-    train_tokenizer,
-)
+from qwen3.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
 from qwen3.errors import UserError
 
 # The chat template published with Qwen/Qwen3-4B-Base (tokenizer_config.json), to check that a

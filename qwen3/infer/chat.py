@@ -158,13 +158,13 @@ def read_line(prompt: str, input_stream: TextIO, output_stream: TextIO) -> str |
 def run_chat(path: str | Path, settings: SamplingParams | Mapping[str, Any] | None = None,
              input_stream: TextIO = sys.stdin, output_stream: TextIO = sys.stdout, *,
              device: str = "auto", quantize: str | None = None, compile: bool = False,
-             system: str | None = None) -> None:
+             system: str | None = None, dtype: str = "auto") -> None:
     """Chat with the checkpoint in the terminal until /quit, Ctrl-D or Ctrl-C. `settings` are the
     user's sampling settings: a SamplingParams is taken whole; of a mapping, the fields it sets
     (not None), the model's generation_config.json and then SamplingParams' defaults the rest."""
     given = dataclasses.asdict(settings) if isinstance(settings, SamplingParams) else dict(settings or {})
     SamplingParams.resolve(given)  # a bad setting is refused before the model loads
-    engine = load_engine(path, device, quantize, compile)
+    engine = load_engine(path, device, quantize, compile, dtype)
     session = ChatSession(engine, SamplingParams.resolve(given, engine.sampling_defaults), system)
     mode = "chat template" if session.template else "plain continuation"
     output_stream.write(f"Chatting with {engine.checkpoint} ({mode}, context "

@@ -32,21 +32,12 @@ from typing import Any, Literal
 import torch
 
 from qwen3.data.tokenizer import Tokenizer, load_tokenizer
-from qwen3.errors import UserError, logger
-from qwen3.infer.sampling import (
-    BatchSampler,
-    SamplingParams,
-    StopChecker,
-    generation_defaults,
-)
-from qwen3.model.checkpoint import (
-    CheckpointError,
-    find_checkpoint,
-    load_generation_config,
-    load_model,
-)
+from qwen3.errors import UserError, log, logger
+from qwen3.infer.sampling import BatchSampler, SamplingParams, StopChecker, generation_defaults
+from qwen3.model.checkpoint import (CheckpointError, find_checkpoint, load_generation_config, load_model, run_name,
+                                    stored_dtype)
 from qwen3.model.kv_cache import KVCache
-from qwen3.runtime import resolve_device
+from qwen3.runtime import resolve_device, weights_dtype
 
 
 @dataclass
@@ -415,15 +406,22 @@ def trained_checkpoint(path: str | Path) -> Path:
 
 
 def load_engine(path: str | Path, device: str = "auto", quantize: str | None = None,
-                compile: bool = False) -> Engine:
-    """An Engine for a checkpoint folder (or a run folder's best/): model, tokenizer, options."""
+                compile: bool = False, dtype: str = "auto") -> Engine:
+    """An Engine for a checkpoint folder (or a run folder's best/): model, tokenizer, options. The
+    weights' dtype is `weights_dtype`'s choice for `dtype` (or int8, quantized from float32); what
+    was chosen and why is logged."""
+    if quantize not in (None, "int8"):
+        raise UserError(f"unknown quantization {quantize!r} (supported: int8)")
     folder = trained_checkpoint(path)
     resolved = resolve_device(device)
-    dtype = torch.bfloat16 if resolved.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = load_model(folder, device=resolved, dtype=dtype)
+    if quantize == "int8":  # PyTorch's dynamic int8 linear layers quantize float32 weights
+        chosen, held, why = torch.float32, "int8", "--quantize int8 (from float32 weights)"
+    else:
+        chosen, why = weights_dtype(dtype, stored_dtype(folder), resolved)
+        held = str(chosen).removeprefix("torch.")
+    model = load_model(folder, device=resolved, dtype=chosen)
+    log(f"{run_name(folder)}: {model.num_parameters():,} parameters in {held} on {resolved}: {why}")
     if quantize == "int8":
         model = quantize_int8(model)
-    elif quantize is not None:
-        raise UserError(f"unknown quantization {quantize!r} (supported: int8)")
     return Engine(model, load_tokenizer(folder), compile=compile, checkpoint=folder,
                   generation_config=load_generation_config(folder))

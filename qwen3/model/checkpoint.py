@@ -17,13 +17,14 @@ naming the file and the problem. `resume_state` is what `--resume` continues fro
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from qwen3.atomic import atomic_directory, recover
 from qwen3.config import ModelConfig
@@ -38,6 +39,7 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 CHECKPOINT_NAMES = ("best", "last")  # the checkpoints of a run folder, in the order a reader prefers them
 ADAPTER_FOLDER = "adapter"  # a LoRA run's adapters alone, in peft's format
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 class CheckpointError(UserError):
@@ -113,44 +115,90 @@ def load_generation_config(folder: str | Path) -> dict[str, Any]:
     return read_json_object(file, CheckpointError) if file.is_file() else {}
 
 
-def load_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Read model.safetensors (or the shards its index lists)."""
+def weight_files(folder: Path) -> list[Path]:
+    """model.safetensors, or the shards its index lists."""
     index = folder / WEIGHTS_INDEX_NAME
     if index.is_file():
         try:
-            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, AttributeError) as error:
             raise CheckpointError(f"{index}: not a valid safetensors index ({error})") from None
     else:
-        files = [WEIGHTS_NAME]
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        file = folder / name
+        names = [WEIGHTS_NAME]
+    files = [folder / name for name in names]
+    for file in files:
         if not file.is_file():
             raise CheckpointError(f"{file}: missing")
-        try:
-            state.update(load_file(str(file)))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({error})") from None
-    return state
+    return files
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file: its bytes [start, end) of the file."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    start: int
+    end: int
+
+
+def read_header(file: Path) -> dict[str, StoredTensor]:
+    """The tensors a safetensors file holds, from its header alone. The format: 8 bytes of header
+    length (little-endian), a JSON object {name: {"dtype", "shape", "data_offsets": [begin, end]}}
+    (offsets counted from the end of the header), then the data."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 2 <= length <= size - 8:
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            header = json.loads(handle.read(length))
+        tensors = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            begin, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            if end - begin != math.prod(shape) * dtype.itemsize or 8 + length + end > size:
+                raise ValueError(f"{name} does not fit the file")
+            tensors[name] = StoredTensor(file, shape, dtype, 8 + length + begin, 8 + length + end)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as error:
+        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({error})") from None
+    return tensors
+
+
+def weight_layout(folder: Path) -> dict[str, StoredTensor]:
+    """Every stored tensor of a checkpoint folder, from its files' headers alone."""
+    return {name: tensor for file in weight_files(folder) for name, tensor in read_header(file).items()}
+
+
+def stored_dtype(folder: str | Path) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in (that of its largest tensor)."""
+    layout = weight_layout(find_checkpoint(folder))
+    return max(layout.values(), key=lambda tensor: math.prod(tensor.shape)).dtype
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, attention: str = "sdpa") -> Qwen3ForCausalLM:
-    """Load a Hugging Face Qwen3 folder (ours or any other) into our model, in eval mode."""
+    """Load a Hugging Face Qwen3 folder (ours or any other) into our model, in eval mode, its
+    weights in `dtype` on `device`. The tensors are read one at a time with plain reads (no memory
+    map, whose pages would count as the process's) and converted as they come, so memory peaks at
+    the model in `dtype` plus one stored tensor, never at a second copy of the weights."""
     folder = find_checkpoint(path)
     config = load_config(folder)
-    state = load_weights(folder)
+    layout = weight_layout(folder)
     if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        layout.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config, attention)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     weights_file = folder / WEIGHTS_NAME
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(layout))
+    unexpected = sorted(set(layout) - set(expected))
     if missing:
         raise CheckpointError(f"{weights_file}: missing tensors {missing[:5]}"
                               f"{' ...' if len(missing) > 5 else ''} for the shape in config.json")
@@ -158,15 +206,28 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{weights_file}: unexpected tensors {unexpected[:5]}"
                               f"{' ...' if len(unexpected) > 5 else ''}")
     for name, shape in expected.items():
-        if state[name].shape != shape:
-            raise CheckpointError(f"{weights_file}: {name} has shape {tuple(state[name].shape)}, "
-                                  f"config.json implies {tuple(shape)}")
-    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
+        if layout[name].shape != shape:
+            raise CheckpointError(f"{layout[name].file}: {name} has shape {layout[name].shape}, "
+                                  f"config.json implies {shape}")
+    state = {name: read_tensor(layout[name]).to(device=device, dtype=dtype) for name in expected}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.reset_tables(device)
     return model.eval()
+
+
+def read_tensor(stored: StoredTensor) -> torch.Tensor:
+    """One tensor's bytes read from its file into a new CPU tensor."""
+    tensor = torch.empty(stored.shape, dtype=stored.dtype)
+    try:
+        with open(stored.file, "rb") as handle:
+            handle.seek(stored.start)
+            if handle.readinto(tensor.view(-1).view(torch.uint8).numpy()) != stored.end - stored.start:
+                raise ValueError("the file ends early")
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{stored.file}: unreadable or truncated safetensors file ({error})") from None
+    return tensor
 
 
 def load_trainer_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:

@@ -30,10 +30,7 @@ ADAPTER = "default"  # peft's name for a model's one adapter
 def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> nn.Module:
     """Inject LoRA adapters of `rank` into the Linear modules named `targets` (TrainConfig checks
     they are among config.LORA_PROJECTIONS), in place; every other parameter is frozen."""
-    from peft import (  # slow to import: only when asked for
-        LoraConfig,
-        inject_adapter_in_model,
-    )
+    from peft import LoraConfig, inject_adapter_in_model  # slow to import: only when asked for
 
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
     model = inject_adapter_in_model(config, model)

@@ -29,18 +29,8 @@ from qwen3.infer.engine import Engine, load_engine, trained_checkpoint
 from qwen3.model.checkpoint import run_name
 from qwen3.server import openapi
 from qwen3.server.scheduler import Scheduler
-from qwen3.server.schemas import (
-    APIError,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatRequest,
-    Completion,
-    CompletionRequest,
-    Health,
-    ModelCard,
-    ModelList,
-    parse_request,
-)
+from qwen3.server.schemas import (APIError, ChatCompletion, ChatCompletionChunk, ChatRequest, Completion,
+                                  CompletionRequest, Health, ModelCard, ModelList, parse_request)
 from qwen3.server.service import CHAT_DEFAULT_MAX_TOKENS, CompletionService
 
 STATIC = Path(__file__).with_name("static")
@@ -193,7 +183,7 @@ async def read_body(request: Request) -> bytes:
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 5000, api_key: str | None = None,
           max_batch: int = 16, device: str = "auto", max_seq_len: int | None = None,
-          chat_max_tokens: int = CHAT_DEFAULT_MAX_TOKENS, compile: bool = False) -> None:
+          chat_max_tokens: int = CHAT_DEFAULT_MAX_TOKENS, compile: bool = False, dtype: str = "auto") -> None:
     """Serve the checkpoint at `path` (or a run folder's best/) until interrupted."""
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {port}")
@@ -208,7 +198,7 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 5000, api_key: 
     folder = trained_checkpoint(path)
     model_name = run_name(folder)  # a run folder's best/ or last/ is named after its run
     listener = bind(host, port)  # before loading the model, so a taken port fails at once
-    engine = load_engine(folder, device=device, compile=compile)
+    engine = load_engine(folder, device=device, compile=compile, dtype=dtype)
     app = create_app(engine, model_name, api_key=api_key, max_batch=max_batch, max_seq_len=max_seq_len,
                      chat_max_tokens=chat_max_tokens)
     address = f"[{host}]" if ":" in host else host

@@ -21,12 +21,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from swagger_ui_bundle import swagger_ui_path
 
-from qwen3.server.schemas import (
-    ChatCompletionChunk,
-    ChatRequest,
-    CompletionRequest,
-    ErrorResponse,
-)
+from qwen3.server.schemas import ChatCompletionChunk, ChatRequest, CompletionRequest, ErrorResponse
 
 DESCRIPTION = ("OpenAI-compatible completions and chat completions of one model, batched continuously. "
                "Every error is answered as `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.")

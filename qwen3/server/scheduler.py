@@ -8,7 +8,9 @@ for the others.
 
 How the batch is laid out. One `KVCache` of `max_batch` slots, each of `context` positions, is
 allocated when the scheduler is made and never again: its size is known at start-up and does not
-change with the traffic. Running requests ("jobs") hold slots 0 .. n-1, jobs[i] slot i, each
+change with the traffic. `context` is `--max-seq-len`, else the model's context where that fits
+half the free memory, else the largest power of two that does (a released Qwen3's 40,960 positions
+x 16 slots would need ~70 GiB): the start-up line says which and why. Running requests ("jobs") hold slots 0 .. n-1, jobs[i] slot i, each
 sequence from the slot's first column, so rows of different lengths need no padding (the cache
 masks each row's keys by its own length). A new job's prompt is prefilled into the next free slot,
 unpadded, without touching the others' slots; when jobs leave, the last running jobs move into the
@@ -35,6 +37,11 @@ from qwen3.infer.sampling import BatchSampler, SamplingParams
 from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.model.kv_cache import KVCache
 from qwen3.runtime import available_memory
+
+# Without --max-seq-len the cache may take this share of the free memory (the rest is for the
+# activations of a step and everything else on the machine), in slots of at least MIN_CONTEXT positions.
+KV_MEMORY_SHARE = 0.5
+MIN_CONTEXT = 256
 
 
 class QueueFull(Exception):
@@ -113,7 +120,7 @@ class Scheduler:
             raise ValueError(f"max_batch and max_queue must be at least 1, got {max_batch}, {max_queue}")
         self.engine = engine
         self.device = engine.device
-        self.context = min(max_seq_len or engine.max_context, engine.max_context)
+        self.context, self.context_reason = self._choose_context(engine, max_batch, max_seq_len)
         self.cache = self._allocate_cache(engine.model, max_batch)
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -124,6 +131,26 @@ class Scheduler:
         self.running = 0  # len(batch.jobs), readable from other threads
         self.cancelled_jobs = 0  # jobs dropped unfinished because their client left, for /health
         self.thread: threading.Thread | None = None
+
+    def _choose_context(self, engine: Engine, slots: int, max_seq_len: int | None) -> tuple[int, str]:
+        """Positions per slot, and why: `max_seq_len` (at most the model's context) when given;
+        else the model's context, or where `slots` of it would take more than KV_MEMORY_SHARE of the
+        device's free memory, the largest power of two that fits that share."""
+        model_context = engine.max_context
+        if max_seq_len is not None:
+            return min(max_seq_len, model_context), "--max-seq-len"
+        free = available_memory(self.device)
+        per_position = KVCache.bytes_needed(engine.model.config, slots, 1, engine.model.model.embed_tokens.weight.dtype)
+        if free is None or per_position * model_context <= free * KV_MEMORY_SHARE:
+            return model_context, "the model's context"
+        fits = int(free * KV_MEMORY_SHARE // per_position)
+        if fits < MIN_CONTEXT:
+            raise UserError(f"{slots} slots of even {MIN_CONTEXT} positions would take more than "
+                            f"{KV_MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free on {self.device}: "
+                            f"lower --max-batch or --max-seq-len")
+        context = 1 << (fits.bit_length() - 1)
+        return context, (f"the most that fits {KV_MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free "
+                         f"(the model's context is {model_context:,}; --max-seq-len sets it)")
 
     def _allocate_cache(self, model: Qwen3ForCausalLM, slots: int) -> KVCache:
         dtype = model.model.embed_tokens.weight.dtype
@@ -137,11 +164,12 @@ class Scheduler:
             return model.new_kv_cache(slots, self.context)
 
     def describe_cache(self) -> str:
-        """The start-up line about the cache: slots, positions, memory."""
+        """The start-up line about the cache: slots, positions and why, memory."""
         size = self.cache.nbytes
         size = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
         dtype = str(self.cache.keys[0].dtype).removeprefix("torch.")
-        return f"KV cache: {self.cache.batch_size} slots x {self.context} tokens = {size} ({dtype}, {self.device})"
+        return (f"KV cache: {self.cache.batch_size} slots x {self.context:,} tokens ({self.context_reason}) = "
+                f"{size} ({dtype}, {self.device})")
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, name="qwen3-scheduler", daemon=True)

@@ -24,25 +24,9 @@ from qwen3.errors import UserError
 from qwen3.infer.engine import encode_prompt
 from qwen3.infer.sampling import SamplingParams
 from qwen3.server.scheduler import Event, Job, QueueFull, Scheduler
-from qwen3.server.schemas import (
-    APIError,
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatRequest,
-    Completion,
-    CompletionChoice,
-    CompletionRequest,
-    Delta,
-    GenerationRequest,
-    Health,
-    Message,
-    ModelCard,
-    ModelList,
-    Usage,
-)
+from qwen3.server.schemas import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
+                                  ChatCompletionChunk, ChatRequest, Completion, CompletionChoice, CompletionRequest,
+                                  Delta, GenerationRequest, Health, Message, ModelCard, ModelList, Usage)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 1024  # a chat reply's, when the request sets none (`qwen3 serve --default-max-tokens`)

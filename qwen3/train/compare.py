@@ -15,12 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen3.errors import UserError, read_json_object
-from qwen3.train.runfiles import (
-    format_duration,
-    pyplot,
-    read_events,
-    save_png,
-)
+from qwen3.train.runfiles import format_duration, pyplot, read_events, save_png
 
 
 @dataclass(frozen=True)

@@ -45,16 +45,8 @@ from qwen3.errors import UserError, log
 from qwen3.model.checkpoint import resume_state, save_model
 from qwen3.model.lora import add_lora
 from qwen3.model.loss import CausalLMLoss
-from qwen3.runtime import (
-    autocast_for,
-    graceful_stop,
-    init_distributed,
-    peak_flops,
-    rank_zero_first,
-    resolve_dtype,
-    seed_everything,
-    teardown_distributed,
-)
+from qwen3.runtime import (autocast_for, graceful_stop, init_distributed, peak_flops, rank_zero_first, resolve_dtype,
+                           seed_everything, teardown_distributed)
 from qwen3.train.metrics import EvalResult
 from qwen3.train.muon import build_optimizers
 from qwen3.train.parallel import batch_layout, loss_divisor, wrap_step_model

@@ -21,16 +21,8 @@ import torch
 from qwen3.config import ModelConfig, TrainConfig, apply_overrides, refuse_model_changes
 from qwen3.data.tokenizer import Tokenizer
 from qwen3.errors import UserError
-from qwen3.model.checkpoint import (
-    TRAINER_STATE_NAME,
-    CheckpointError,
-    find_checkpoint,
-    last_checkpoint,
-    load_config,
-    load_model,
-    load_trainer_state,
-    resume_state,
-)
+from qwen3.model.checkpoint import (TRAINER_STATE_NAME, CheckpointError, find_checkpoint, last_checkpoint, load_config,
+                                    load_model, load_trainer_state, resume_state)
 from qwen3.model.decoder import Qwen3ForCausalLM
 
 

@@ -26,7 +26,7 @@ from qwen3.config import TrainConfig
 from qwen3.errors import UserError
 from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.model.lora import adapter_state_dict, load_adapter_state
-from qwen3.runtime import Distributed, cpu_name, rng_state, set_rng_state
+from qwen3.runtime import Distributed, device_name, rng_state, set_rng_state
 from qwen3.train.metrics import EvalResult
 from qwen3.train.parallel import BatchLayout
 from qwen3.train.runfiles import RunFiles
@@ -176,14 +176,13 @@ class TrainState:
     def describe(self) -> dict[str, Any]:
         """run.json: the resolved configuration and the environment."""
         device = self.device
-        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
         return {
             "model": dataclasses.asdict(self.model.config),
             "train": dataclasses.asdict(self.config),
             "parameters": self.model.num_parameters(),
             "flops_per_token": self.flops_per_token,
             "peak_flops": self.peak_flops,
-            "device": {"type": device.type, "name": device_name, "threads": torch.get_num_threads(),
+            "device": {"type": device.type, "name": device_name(device), "threads": torch.get_num_threads(),
                        "world_size": self.processes.world_size},
             "autocast_dtype": str(self.autocast_dtype).removeprefix("torch."),
             "seq_len": self.layout.seq_len,

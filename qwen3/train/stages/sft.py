@@ -19,13 +19,7 @@ import numpy as np
 import torch
 
 from qwen3.config import TrainConfig
-from qwen3.data.conversations import (
-    Messages,
-    Packed,
-    held_out,
-    read_conversations,
-    render_and_pack,
-)
+from qwen3.data.conversations import Messages, Packed, held_out, read_conversations, render_and_pack
 from qwen3.data.kjv import CHAT_PROMPTS, kjv_chat
 from qwen3.data.tokenizer import Tokenizer, load_tokenizer
 from qwen3.errors import UserError, log
