@@ -22,6 +22,7 @@ from pydantic.json_schema import models_json_schema
 from swagger_ui_bundle import swagger_ui_path
 
 from qwen3.server.schemas import (
+    API_SAMPLING_DEFAULTS,
     ChatCompletionChunk,
     ChatRequest,
     CompletionRequest,
@@ -105,12 +106,17 @@ def document(app: FastAPI) -> dict[str, Any]:
             operation["responses"].pop("422", None)
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
-    # One model is served: its name is the one value `model` (and /v1/models/{name}) accepts.
-    served = [app.state.service.model_name]
+    # One model is served: its name is the one value `model` (and /v1/models/{name}) accepts, and its
+    # sampling defaults (generation_config.json, else the API's) are what an absent field means.
+    service = app.state.service
+    defaults = {**API_SAMPLING_DEFAULTS, **service.sampling_defaults}
     for request in EXTRA_MODELS[:2]:
-        schemas[request[0].__name__]["properties"]["model"]["enum"] = served
+        properties = schemas[request[0].__name__]["properties"]
+        properties["model"]["enum"] = [service.model_name]
+        for name, value in defaults.items():
+            properties[name]["default"] = value
     for parameter in spec["paths"]["/v1/models/{name}"]["get"]["parameters"]:
-        parameter["schema"]["enum"] = served
+        parameter["schema"]["enum"] = [service.model_name]
     return spec
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 
 class APIError(Exception):
@@ -38,11 +38,34 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
+def integral(value: Any) -> Any:
+    """A JSON number with no fraction as the integer it is: JSON Schema calls 1.0 an integer."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(**constraints: Any) -> Any:
+    """An integer field of the API (with pydantic's `Field` constraints): an int, or a float with no
+    fraction; never a string or a bool. (The constraints must come before the conversion for the
+    JSON schema to state them.)"""
+    return Annotated[int, Field(**constraints), BeforeValidator(integral)]
+
+
 class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
 StopString = Annotated[str, Field(min_length=1)]
+TokenId = integer()
+
+# The API's own sampling defaults, for what neither the request nor the model's generation_config.json
+# sets (OpenAI's temperature and top_p; the extras off).
+API_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def sampling(name: str, note: str = "", **constraints: Any) -> Any:
+    """A sampling field: null or absent takes the model's generation_config.json value, else the API's."""
+    return Field(None, description=f"{note}null or absent: the model's generation_config.json value, "
+                                   f"else {API_SAMPLING_DEFAULTS[name]}", **constraints)
 
 
 class GenerationRequest(StrictModel):
@@ -50,22 +73,26 @@ class GenerationRequest(StrictModel):
 
     # The ranges are SamplingParams.validate's (tests/test_server.py checks that they agree).
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0)  # OpenAI's default; 0 is greedy
-    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: integer(ge=1) | None = None
+    temperature: float | None = sampling("temperature", "0 is greedy; ", ge=0)
+    top_p: float | None = sampling("top_p", gt=0, le=1)
     stop: StopString | list[StopString] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)  # seed + choice index must fit a torch seed
-    n: int = Field(1, ge=1, le=16)
+    seed: integer(ge=0, lt=2**63) | None = None  # seed + choice index must fit a torch seed
+    n: integer(ge=1, le=16) = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    top_k: integer(ge=0) | None = sampling("top_k", "0 keeps every token; ")
+    min_p: float | None = sampling("min_p", ge=0, le=1)
+    repetition_penalty: float | None = sampling("repetition_penalty", "1 is none; ", gt=0)
     # OpenAI options this server cannot honor: accepted at their neutral value, refused otherwise.
-    logprobs: bool | int | None = None
+    logprobs: bool | TokenId | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+
+    def sampling_settings(self) -> dict[str, Any]:
+        """The sampling fields the request sets (None: not set), by SamplingParams' names."""
+        return {name: getattr(self, name) for name in API_SAMPLING_DEFAULTS}
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -81,10 +108,10 @@ class GenerationRequest(StrictModel):
 class CompletionRequest(GenerationRequest):
     """POST /v1/completions: one prompt, or a batch, as text or token ids."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: TokenId | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: each a string or a list of token ids."""
@@ -126,7 +153,7 @@ class ChatRequest(GenerationRequest):
     """POST /v1/chat/completions."""
 
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    max_completion_tokens: integer(ge=1) | None = None  # OpenAI's newer name for max_tokens
     tools: list[Any] | None = None
 
     def token_limit(self) -> int | None:

@@ -25,6 +25,7 @@ from qwen3.infer.engine import encode_prompt
 from qwen3.infer.sampling import SamplingParams
 from qwen3.server.scheduler import Event, Job, QueueFull, Scheduler
 from qwen3.server.schemas import (
+    API_SAMPLING_DEFAULTS,
     APIError,
     AssistantMessage,
     ChatChoice,
@@ -61,6 +62,9 @@ class CompletionService:
         self.chat_max_tokens = chat_max_tokens
         self.vocab_size = scheduler.engine.model.config.vocab_size
         self.created = int(time.time())
+        # The model's own sampling (generation_config.json), checked once: a bad file stops the start.
+        self.sampling_defaults = scheduler.engine.sampling_defaults
+        SamplingParams.resolve({}, self.sampling_defaults, SamplingParams(**API_SAMPLING_DEFAULTS))
 
     def health(self) -> Health:
         return Health(status="ok", model=self.model_name, **self.scheduler.stats())
@@ -134,12 +138,13 @@ class CompletionService:
             raise APIError(400, f"max_tokens is {max_tokens}, but the prompt is {len(prompt_ids)} tokens "
                                 f"and the context {self.scheduler.context}: at most {room} tokens can be generated",
                            param="max_tokens", code="context_length_exceeded")
-        # The request schema holds validate's ranges, so a UserError here would be a bug (a 500).
-        return SamplingParams(
-            max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-            min_p=body.min_p, repetition_penalty=body.repetition_penalty,
-            # Choice i of a seeded request is what a request with seed + i gives on its own.
-            seed=None if body.seed is None else body.seed + choice, stop=body.stop_list()).validate()
+        # The request's settings, else the model's (generation_config.json), else the API's. The request
+        # schema holds validate's ranges, so a UserError here would be a bug (a 500).
+        return SamplingParams.resolve(
+            {**body.sampling_settings(), "max_new_tokens": max_tokens, "stop": body.stop_list(),
+             # Choice i of a seeded request is what a request with seed + i gives on its own.
+             "seed": None if body.seed is None else body.seed + choice},
+            self.sampling_defaults, SamplingParams(**API_SAMPLING_DEFAULTS))
 
     def jobs(self, body: GenerationRequest, prompts: list[list[int]], max_tokens: int | None, chat: bool,
              events: asyncio.Queue[Event]) -> list[Job]:
