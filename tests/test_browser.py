@@ -14,9 +14,7 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
-import torch.nn.functional as F
-from test_server import MODEL_NAME, ServerThread, make_checkpoint
+from test_server import MODEL_NAME, ServerThread, make_checkpoint, memorize
 
 from qwen3.data.tokenizer import load_tokenizer
 from qwen3.infer.engine import Engine, load_engine
@@ -35,28 +33,6 @@ HOSTILE = '<script>window.pwned=1</script><b>bold</b><img src=x onerror="window.
 TRIGGER = "Say hi"
 MODEL_MARKUP = "<script>window.pwned=3</script><b>x</b>"
 SHORT_CONTEXT = 64
-
-
-def memorize(model, tokenizer, prompt: str, reply: str) -> None:
-    """Train `model` until greedy decoding of `prompt` gives `reply` then <|im_end|>."""
-    start = len(tokenizer.encode(prompt))
-    ids = torch.tensor([tokenizer.encode(prompt + reply + "<|im_end|>")])
-    inputs, targets = ids[:, :-1], ids[0, start:]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors this small only lose time to thread hand-offs
-    model.train()
-    try:
-        for _ in range(300):
-            logits = model(inputs)[0, start - 1:]  # the positions that predict the reply
-            if bool((logits.argmax(dim=-1) == targets).all()):
-                break
-            optimizer.zero_grad()
-            F.cross_entropy(logits, targets).backward()
-            optimizer.step()
-    finally:
-        model.eval()
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

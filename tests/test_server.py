@@ -25,6 +25,7 @@ import httpx
 import openai
 import pytest
 import torch
+import torch.nn.functional as F
 import uvicorn
 
 from qwen3 import cli
@@ -63,6 +64,28 @@ def make_checkpoint(folder: Path, context: int = CONTEXT) -> Path:
     torch.manual_seed(0)
     save_model(Qwen3ForCausalLM(config), folder, tokenizer=tokenizer)
     return folder
+
+
+def memorize(model, tokenizer, prompt: str, reply: str) -> None:
+    """Train `model` until greedy decoding of `prompt` gives `reply` then <|im_end|>."""
+    start = len(tokenizer.encode(prompt))
+    ids = torch.tensor([tokenizer.encode(prompt + reply + "<|im_end|>")])
+    inputs, targets = ids[:, :-1], ids[0, start:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small only lose time to thread hand-offs
+    model.train()
+    try:
+        for _ in range(300):
+            logits = model(inputs)[0, start - 1:]  # the positions that predict the reply
+            if bool((logits.argmax(dim=-1) == targets).all()):
+                break
+            optimizer.zero_grad()
+            F.cross_entropy(logits, targets).backward()
+            optimizer.step()
+    finally:
+        model.eval()
+        torch.set_num_threads(threads)
 
 
 class ServerThread:
@@ -271,6 +294,15 @@ BAD_REQUESTS = [
      400, "messages"),
     ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user"}]}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL_NAME, "messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {
+            "name": "g"}}}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}],
+                              "chat_template_kwargs": {"enable_thinking": "yes"}}, 400, "chat_template_kwargs"),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "tool", "content": "18 C"}]},
+     400, "messages"),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "n": 1.5}, 400, "n"),
     ("/v1/chat/completions", b'{"model": "tiny", "messages": [', 400, None),
     ("/v1/chat/completions", b"[1, 2]", 400, None),

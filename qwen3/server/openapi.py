@@ -38,8 +38,9 @@ REF = "#/components/schemas/{model}"
 
 ERRORS = {
     400: "the body is not valid JSON, a field has the wrong type or an impossible value, the prompt "
-         "does not fit the context (code `context_length_exceeded`), or an option is not supported "
-         "(code `unsupported_parameter`)",
+         "does not fit the context (code `context_length_exceeded`), `tool_choice` names a function not "
+         "in `tools`, or an option is not supported (code `unsupported_parameter`; also `enable_thinking` "
+         "or `tools` where the model's chat template has no thinking mode or no tools)",
     401: "the server has an API key and the request does not carry it as `Authorization: Bearer <key>`",
     404: "no such model (code `model_not_found`)",
     413: "the body is larger than 4 MiB",

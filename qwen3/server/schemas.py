@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 
 class APIError(Exception):
@@ -139,14 +147,92 @@ class TextPart(StrictModel):
     text: str
 
 
-class Message(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+# OpenAI's rule for function names; it also keeps a name from breaking the JSON a template writes it into.
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
-    def as_template_message(self) -> dict[str, str]:
-        """{"role", "content"} with text parts joined; "developer" is OpenAI's new name for system."""
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+class FunctionCallParam(StrictModel):
+    name: FunctionName
+    arguments: str | dict[str, Any]  # OpenAI's JSON text; an object is rendered as JSON
+
+
+class ToolCallParam(StrictModel):
+    """A call an earlier assistant message made, sent back in the history."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCallParam
+
+
+class Message(StrictModel):
+    """A message of the conversation. An assistant's may carry its thinking (`reasoning_content`, as
+    the API returned it) and its `tool_calls`; a `tool` message answers the call `tool_call_id`."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def fits_its_role(self) -> Message:
+        assistant = self.role == "assistant"
+        if self.content is None and not (assistant and self.tool_calls):
+            raise PydanticCustomError("message", f"a {self.role} message needs 'content'"
+                                                 + (" or 'tool_calls'" if assistant else ""))
+        if not assistant and (self.tool_calls is not None or self.reasoning_content is not None):
+            raise PydanticCustomError("message", "only an assistant message has 'tool_calls' or 'reasoning_content'")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise PydanticCustomError("message", "a tool message, and only a tool message, needs 'tool_call_id'")
+        return self
+
+    def as_template_message(self) -> dict[str, Any]:
+        """The message as chat templates read it: text parts joined (no content: ""), "developer"
+        (OpenAI's new name for system) as system, the other fields where they are set."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.reasoning_content is not None:
+            message["reasoning_content"] = self.reasoning_content
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(StrictModel):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of the arguments
+    strict: bool | None = None
+
+
+class Tool(StrictModel):
+    """A function the model may call, listed in the prompt as the chat template writes it."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(StrictModel):
+    name: FunctionName
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class ChatTemplateKwargs(StrictModel):
+    """Variables for the chat template: `enable_thinking` (Qwen3's thinking mode; only for a template
+    that reads it), and any other the template reads, passed through."""
+
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+    enable_thinking: bool | None = None
+
+    def variables(self) -> dict[str, Any]:
+        return {**(self.model_extra or {}),
+                **({} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking})}
 
 
 class ChatRequest(GenerationRequest):
@@ -154,21 +240,20 @@ class ChatRequest(GenerationRequest):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: integer(ge=1) | None = None  # OpenAI's newer name for max_tokens
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    # "auto" (the default): the model may call the tools; "none": they stay out of the prompt;
+    # "required" or a named function: the reply is made to begin a call.
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    def refuse_unsupported(self) -> None:
-        super().refuse_unsupported()
-        if self.tools:
-            raise APIError(400, "'tools' are not supported by this server", param="tools",
-                           code="unsupported_parameter")
 
 
 # --- responses ---
 
 FinishReason = Literal["stop", "length"]
+ChatFinishReason = Literal["stop", "length", "tool_calls"]  # tool_calls: the reply holds a valid call
 
 
 class ErrorDetail(BaseModel):
@@ -209,16 +294,29 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str  # "call_" and 24 random hex digits
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # the answer without the thinking; null when the reply is only tool calls
+    reasoning_content: str | None = None  # the thinking, when the reply had any
+    tool_calls: list[ToolCall] | None = None  # the valid calls of the request's tools
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: None = None
-    finish_reason: FinishReason
+    finish_reason: ChatFinishReason
 
 
 class ChatCompletion(BaseModel):
@@ -232,16 +330,22 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class ToolCallChunk(ToolCall):
+    index: int  # the call's place among the choice's calls
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None  # in each choice's first chunk only
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallChunk] | None = None  # each call whole, once it is complete
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
     logprobs: None = None
-    finish_reason: FinishReason | None
+    finish_reason: ChatFinishReason | None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -261,6 +365,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     context_length: int  # prompt + completion tokens, at most
+    thinking: bool  # whether chat_template_kwargs.enable_thinking is honored (the chat template reads it)
 
 
 class ModelList(BaseModel):
