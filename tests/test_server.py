@@ -67,9 +67,7 @@ def make_checkpoint(folder: Path, context: int = CONTEXT) -> Path:
 
 
 def memorize(model, tokenizer, prompt: str, reply: str) -> None:
-    """Train `model` until greedy decoding of `prompt` surely gives `reply` then <|im_end|>: every
-    reply token the most likely, by a margin (a cross-entropy under 0.05) that the small differences
-    between a full forward pass and KV-cache decoding cannot overturn."""
+    """Train `model` until greedy decoding of `prompt` gives `reply` then <|im_end|>."""
     start = len(tokenizer.encode(prompt))
     ids = torch.tensor([tokenizer.encode(prompt + reply + "<|im_end|>")])
     inputs, targets = ids[:, :-1], ids[0, start:]
@@ -78,13 +76,12 @@ def memorize(model, tokenizer, prompt: str, reply: str) -> None:
     torch.set_num_threads(1)  # tensors this small only lose time to thread hand-offs
     model.train()
     try:
-        for _ in range(500):
+        for _ in range(300):
             logits = model(inputs)[0, start - 1:]  # the positions that predict the reply
-            loss = F.cross_entropy(logits, targets)
-            if bool((logits.argmax(dim=-1) == targets).all()) and loss.item() < 0.05:
+            if bool((logits.argmax(dim=-1) == targets).all()):
                 break
             optimizer.zero_grad()
-            loss.backward()
+            F.cross_entropy(logits, targets).backward()
             optimizer.step()
     finally:
         model.eval()
