@@ -56,6 +56,12 @@ def browser() -> Iterator:
         chromium.close()
 
 
+def wait_for_the_model(page) -> None:
+    """Until the page has read the model's card. (A selector, not a waited-for function: Playwright
+    evaluates those with eval, which the page's Content-Security-Policy forbids.)"""
+    page.locator("#model", has_text=MODEL_NAME).wait_for()
+
+
 @contextmanager
 def open_page(browser, server: ServerThread) -> Iterator:
     """The chat page of `server` in a fresh browser context, connected, greedy; no script errors."""
@@ -64,7 +70,7 @@ def open_page(browser, server: ServerThread) -> Iterator:
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(server.url)
-    page.wait_for_function(f"document.getElementById('model').textContent.startsWith({MODEL_NAME!r})")
+    wait_for_the_model(page)
     page.fill("#temperature", "0")
     yield page
     context.close()
@@ -240,7 +246,7 @@ def test_phone_width_layout(browser, server: ServerThread) -> None:
     context = browser.new_context(viewport={"width": 390, "height": 844})
     page = context.new_page()
     page.goto(server.url)
-    page.wait_for_function(f"document.getElementById('model').textContent.startsWith({MODEL_NAME!r})")
+    wait_for_the_model(page)
     # The settings panel starts closed so it does not cover the conversation; the top bar stays one line.
     assert not page.is_visible("#settings")
     assert page.get_attribute("#toggle-settings", "aria-expanded") == "false"
