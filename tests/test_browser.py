@@ -3,11 +3,13 @@
 The served model is the tiny random one of test_server.py, first taught (some tens of optimizer
 steps on one conversation) to answer "Say hi" with markup, so the page really receives `<script>`
 from the model and must show it as text. A second one has a context of SHORT_CONTEXT tokens, less
-than the page's default Max tokens, as a `--preset tiny` model has.
+than the page's default Max tokens, as a `--preset tiny` model has. A third is taught to think and
+then call a tool when it is asked about the weather with the tool in the prompt.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -240,6 +242,72 @@ def test_message_too_long_for_the_context_stays_in_the_box(short_page) -> None:
     assert short_page.input_value("#input") == long
     assert short_page.locator(".message.user .content").all_text_contents() == ["Hello"]
     assert short_page.locator(".message.forgotten").count() == 0  # the history is as it was
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+THOUGHT = "The user wants the weather in Paris."
+THINKING_REPLY = (f"<think>\n{THOUGHT}\n</think>\n\n"
+                  '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+
+
+@pytest.fixture(scope="module")
+def thinking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    folder = make_checkpoint(tmp_path_factory.mktemp("thinking") / "tiny", context=1024)
+    model, tokenizer = load_model(folder), load_tokenizer(folder)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+                                           enable_thinking=True)
+    memorize(model, tokenizer, prompt, THINKING_REPLY)
+    greedy = SamplingParams(temperature=0, max_new_tokens=150)
+    assert Engine(model, tokenizer).generate(prompt, greedy).text == THINKING_REPLY
+    with ServerThread(create_app(Engine(model, tokenizer), MODEL_NAME)) as running:
+        yield running
+
+
+def send_and_read_request(page, text: str) -> dict:
+    """Send a message and wait for the reply; the body of the request that got it."""
+    with page.expect_response(lambda response: response.url.endswith("/v1/chat/completions")) as answer:
+        send(page, text)
+    wait_until_idle(page)
+    assert answer.value.status == 200
+    return answer.value.request.post_data_json
+
+
+def test_thinking_folded_above_the_answer_and_tool_calls_as_json(browser, thinking_server: ServerThread) -> None:
+    with open_page(browser, thinking_server) as page:
+        assert page.is_checked("#think")  # the model's template has a thinking mode: the switch shows
+        page.fill("#tools", json.dumps([WEATHER]))
+        page.fill("#max_tokens", "150")
+        page.evaluate("""() => {
+            window.thoughts = [];
+            new MutationObserver(() => {
+                const block = document.querySelector('.message.assistant:last-child .thinking');
+                if (block) window.thoughts.push([block.querySelector('summary').textContent,
+                                                 block.querySelector('.thinking-text').textContent, block.open]);
+            }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+        }""")
+        body = send_and_read_request(page, "Weather?")
+        thoughts = page.evaluate("window.thoughts")
+        streamed = {text for summary, text, _ in thoughts if summary == "Thinking…"}
+        assert len(streamed) > 1 and THOUGHT.startswith(max(streamed, key=len)), thoughts  # streamed into it
+        assert not any(opened for *_, opened in thoughts)  # folded all along
+        assert page.text_content(".thinking summary") == "Thought"
+        assert page.text_content(".thinking-text") == THOUGHT
+        assert page.text_content(".message.assistant .content") == ""  # the reply is a call, no answer text
+        calls = json.loads(page.text_content(".tool-calls"))
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+            ("get_weather", {"city": "Paris"})]
+        assert body["chat_template_kwargs"] == {"enable_thinking": True} and body["tools"] == [WEATHER]
+
+        # Thinking off from the next message; the thought and the call go back with the history.
+        page.uncheck("#think")
+        body = send_and_read_request(page, "Thanks")
+        assert body["chat_template_kwargs"] == {"enable_thinking": False}
+        assert body["messages"][1] == {"role": "assistant", "content": "", "reasoning_content": THOUGHT,
+                                       "tool_calls": calls}
+        page.reload()
+        assert page.text_content(".thinking-text") == THOUGHT and not page.is_checked("#think")
+        assert json.loads(page.text_content(".tool-calls")) == calls
 
 
 def test_phone_width_layout(browser, server: ServerThread) -> None:
