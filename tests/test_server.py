@@ -460,6 +460,13 @@ def test_sampling_defaults_come_from_the_models_generation_config(model, tokeniz
     assert "generation_config.json" in properties["temperature"]["description"]
 
 
+def test_the_smallest_top_p_keeps_the_top_token(client: openai.OpenAI, generator: Engine) -> None:
+    """top_p 5e-324 is in (0, 1] but 0 in float32: sampling still keeps the most likely token (it is
+    greedy), as schemathesis found once "n": 1.0 let such a request through."""
+    reply = client.completions.create(model=MODEL_NAME, prompt="The quick", max_tokens=8, top_p=5e-324, n=1.0)
+    assert reply.choices[0].text == reference(generator, "The quick", 8).text
+
+
 def test_integer_fields_take_numbers_without_a_fraction() -> None:
     """JSON Schema calls 1.0 an integer; the API takes it as one, and nothing else that is not."""
     def request(extra: dict) -> CompletionRequest:
