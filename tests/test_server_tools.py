@@ -298,3 +298,28 @@ def test_bad_tool_and_thinking_requests(own_service: CompletionService, body: di
     with pytest.raises(APIError) as caught:
         own_service.chat_prompt(chat_request({"messages": [ASK], **body}))
     assert (caught.value.status, caught.value.param) == (400, param) and caught.value.message
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "user", "content": "hi"}, {"role": "user"}, {"role": "user", "content": None},
+    {"role": "developer", "content": [{"type": "text", "text": "x"}]}, {"role": "system", "content": "x", "tool_call_id": "c"},
+    {"role": "user", "content": "x", "tool_calls": None}, {"role": "user", "content": "x", "reasoning_content": "r"},
+    {"role": "assistant", "content": "x", "reasoning_content": "r"}, {"role": "assistant"},
+    {"role": "assistant", "content": None, "tool_calls": [call("c", "f", {})]}, {"role": "assistant", "tool_calls": []},
+    {"role": "assistant", "content": "", "tool_calls": []}, {"role": "assistant", "content": "x", "tool_call_id": "c"},
+    {"role": "tool", "content": "18 C", "tool_call_id": "c"}, {"role": "tool", "content": "18 C"},
+    {"role": "tool", "tool_call_id": "c"}, {"role": "tool", "content": "x", "tool_call_id": "c", "tool_calls": None},
+])
+def test_the_documented_message_rules_are_the_enforced_ones(message: dict) -> None:
+    """The OpenAPI document states each role's rules (schemas.MESSAGE_ROLES) so that clients and
+    fuzzers see them; a message is valid by the document exactly when the server accepts it."""
+    jsonschema = pytest.importorskip("jsonschema_rs")  # schemathesis's validator
+    schema = ChatRequest.model_json_schema(ref_template="#/$defs/{model}")
+    documented = jsonschema.Draft202012Validator({**schema["$defs"]["Message"], "$defs": schema["$defs"]})
+    try:
+        chat_request({"messages": [message]})
+        accepted = True
+    except APIError as error:
+        assert error.param == "messages"
+        accepted = False
+    assert documented.is_valid(message) == accepted

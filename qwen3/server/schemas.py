@@ -164,10 +164,24 @@ class ToolCallParam(StrictModel):
     function: FunctionCallParam
 
 
+NULL, NOT_NULL = {"type": "null"}, {"not": {"type": "null"}}
+# `Message.fits_its_role` as JSON Schema, so that the document states it (each branch a role).
+MESSAGE_ROLES = {"anyOf": [
+    {"properties": {"role": {"enum": ["system", "developer", "user"]}, "content": NOT_NULL, "reasoning_content": NULL,
+                    "tool_calls": NULL, "tool_call_id": NULL}, "required": ["content"]},
+    {"properties": {"role": {"const": "assistant"}, "tool_call_id": NULL},
+     "anyOf": [{"properties": {"content": NOT_NULL}, "required": ["content"]},
+               {"properties": {"tool_calls": {"type": "array", "minItems": 1}}, "required": ["tool_calls"]}]},
+    {"properties": {"role": {"const": "tool"}, "content": NOT_NULL, "tool_call_id": NOT_NULL, "reasoning_content": NULL,
+                    "tool_calls": NULL}, "required": ["content", "tool_call_id"]},
+]}
+
+
 class Message(StrictModel):
     """A message of the conversation. An assistant's may carry its thinking (`reasoning_content`, as
     the API returned it) and its `tool_calls`; a `tool` message answers the call `tool_call_id`."""
 
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, json_schema_extra=MESSAGE_ROLES)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     reasoning_content: str | None = None
@@ -405,6 +419,8 @@ def validation_error(error: ValidationError) -> APIError:
     for part in location:
         if isinstance(part, int):
             path += f"[{part}]"
+        elif part[:1].isupper():
+            continue  # the union branch a model was tried as (NamedToolChoice)
         elif part.isidentifier() and part not in ("str", "int", "float", "bool"):
             path += f".{part}" if path else part
         else:
