@@ -64,7 +64,7 @@ def template_reads(template: str | None, variable: str) -> bool:
 def leaves_thought_open(prompt: str) -> bool:
     """Whether a rendered prompt's last turn (the reply's generation prompt) opens a thought it does
     not close, so that the reply begins inside it."""
-    last_turn = prompt[prompt.rfind(TURN_START) + 1:] if TURN_START in prompt else prompt
+    last_turn = prompt.rpartition(TURN_START)[2]  # all of it when it has no turns
     return last_turn.rfind(THINK_OPEN) > last_turn.rfind(THINK_CLOSE)
 
 
@@ -116,7 +116,6 @@ class ReplyParser:
         self.reasoning_started = False  # the thought's leading newlines are dropped until then
         self.space = ""  # whitespace at the end of the answer, held in case a tool call follows
         self.after_call = False  # nothing but whitespace since the last valid call
-        self.calls = 0
 
     def push(self, text: str, final: bool = False) -> ReplyDelta:
         """Take the next piece of the reply; what it settles. `final`: no more text will come, so
@@ -212,7 +211,6 @@ class ReplyParser:
         call = self._tool_call(body) if closed else None
         if call is not None:
             delta.tool_calls.append(call)
-            self.calls += 1
             self.space, self.after_call = "", True
         else:  # not a call this request can answer: the text it is
             delta.content += self.space + CALL_OPEN + body + closed
