@@ -117,7 +117,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from qwen3.infer.chat import run_chat
 
-    run_chat(args.dir, vars(args), device=args.device, quantize=args.quantize, compile=args.compile, dtype=args.dtype)
+    run_chat(args.dir, vars(args), device=args.device, quantize=args.quantize, compile=args.compile,
+             thinking=False if args.no_think else None, dtype=args.dtype)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="interactive chat")
     chat.add_argument("dir", metavar="DIR", help="checkpoint folder or run folder")
     add_sampling_arguments(chat)
+    chat.add_argument("--no-think", action="store_true",
+                      help="start with thinking off (the chat template's enable_thinking=false; /think turns it on)")
     chat.set_defaults(handler=cmd_chat)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP API and web chat page")

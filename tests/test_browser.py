@@ -3,20 +3,20 @@
 The served model is the tiny random one of test_server.py, first taught (some tens of optimizer
 steps on one conversation) to answer "Say hi" with markup, so the page really receives `<script>`
 from the model and must show it as text. A second one has a context of SHORT_CONTEXT tokens, less
-than the page's default Max tokens, as a `--preset tiny` model has.
+than the page's default Max tokens, as a `--preset tiny` model has. A third is taught to think and
+then call a tool when it is asked about the weather with the tool in the prompt.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import openai
 import pytest
-import torch
-import torch.nn.functional as F
-from test_server import MODEL_NAME, ServerThread, make_checkpoint
+from test_server import MODEL_NAME, ServerThread, make_checkpoint, memorize
 
 from qwen3.data.tokenizer import load_tokenizer
 from qwen3.infer.engine import Engine, load_engine
@@ -35,28 +35,6 @@ HOSTILE = '<script>window.pwned=1</script><b>bold</b><img src=x onerror="window.
 TRIGGER = "Say hi"
 MODEL_MARKUP = "<script>window.pwned=3</script><b>x</b>"
 SHORT_CONTEXT = 64
-
-
-def memorize(model, tokenizer, prompt: str, reply: str) -> None:
-    """Train `model` until greedy decoding of `prompt` gives `reply` then <|im_end|>."""
-    start = len(tokenizer.encode(prompt))
-    ids = torch.tensor([tokenizer.encode(prompt + reply + "<|im_end|>")])
-    inputs, targets = ids[:, :-1], ids[0, start:]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors this small only lose time to thread hand-offs
-    model.train()
-    try:
-        for _ in range(300):
-            logits = model(inputs)[0, start - 1:]  # the positions that predict the reply
-            if bool((logits.argmax(dim=-1) == targets).all()):
-                break
-            optimizer.zero_grad()
-            F.cross_entropy(logits, targets).backward()
-            optimizer.step()
-    finally:
-        model.eval()
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +58,12 @@ def browser() -> Iterator:
         chromium.close()
 
 
+def wait_for_the_model(page) -> None:
+    """Until the page has read the model's card. (A selector, not a waited-for function: Playwright
+    evaluates those with eval, which the page's Content-Security-Policy forbids.)"""
+    page.locator("#model", has_text=MODEL_NAME).wait_for()
+
+
 @contextmanager
 def open_page(browser, server: ServerThread) -> Iterator:
     """The chat page of `server` in a fresh browser context, connected, greedy; no script errors."""
@@ -88,7 +72,7 @@ def open_page(browser, server: ServerThread) -> Iterator:
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(server.url)
-    page.wait_for_function(f"document.getElementById('model').textContent.startsWith({MODEL_NAME!r})")
+    wait_for_the_model(page)
     page.fill("#temperature", "0")
     yield page
     context.close()
@@ -260,11 +244,77 @@ def test_message_too_long_for_the_context_stays_in_the_box(short_page) -> None:
     assert short_page.locator(".message.forgotten").count() == 0  # the history is as it was
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+THOUGHT = "The user wants the weather in Paris."
+THINKING_REPLY = (f"<think>\n{THOUGHT}\n</think>\n\n"
+                  '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+
+
+@pytest.fixture(scope="module")
+def thinking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    folder = make_checkpoint(tmp_path_factory.mktemp("thinking") / "tiny", context=1024)
+    model, tokenizer = load_model(folder), load_tokenizer(folder)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+                                           enable_thinking=True)
+    memorize(model, tokenizer, prompt, THINKING_REPLY)
+    greedy = SamplingParams(temperature=0, max_new_tokens=150)
+    assert Engine(model, tokenizer).generate(prompt, greedy).text == THINKING_REPLY
+    with ServerThread(create_app(Engine(model, tokenizer), MODEL_NAME)) as running:
+        yield running
+
+
+def send_and_read_request(page, text: str) -> dict:
+    """Send a message and wait for the reply; the body of the request that got it."""
+    with page.expect_response(lambda response: response.url.endswith("/v1/chat/completions")) as answer:
+        send(page, text)
+    wait_until_idle(page)
+    assert answer.value.status == 200
+    return answer.value.request.post_data_json
+
+
+def test_thinking_folded_above_the_answer_and_tool_calls_as_json(browser, thinking_server: ServerThread) -> None:
+    with open_page(browser, thinking_server) as page:
+        assert page.is_checked("#think")  # the model's template has a thinking mode: the switch shows
+        page.fill("#tools", json.dumps([WEATHER]))
+        page.fill("#max_tokens", "150")
+        page.evaluate("""() => {
+            window.thoughts = [];
+            new MutationObserver(() => {
+                const block = document.querySelector('.message.assistant:last-child .thinking');
+                if (block) window.thoughts.push([block.querySelector('summary').textContent,
+                                                 block.querySelector('.thinking-text').textContent, block.open]);
+            }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+        }""")
+        body = send_and_read_request(page, "Weather?")
+        thoughts = page.evaluate("window.thoughts")
+        streamed = {text for summary, text, _ in thoughts if summary == "Thinking…"}
+        assert len(streamed) > 1 and THOUGHT.startswith(max(streamed, key=len)), thoughts  # streamed into it
+        assert not any(opened for *_, opened in thoughts)  # folded all along
+        assert page.text_content(".thinking summary") == "Thought"
+        assert page.text_content(".thinking-text") == THOUGHT
+        assert page.text_content(".message.assistant .content") == ""  # the reply is a call, no answer text
+        calls = json.loads(page.text_content(".tool-calls"))
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+            ("get_weather", {"city": "Paris"})]
+        assert body["chat_template_kwargs"] == {"enable_thinking": True} and body["tools"] == [WEATHER]
+
+        # Thinking off from the next message; the thought and the call go back with the history.
+        page.uncheck("#think")
+        body = send_and_read_request(page, "Thanks")
+        assert body["chat_template_kwargs"] == {"enable_thinking": False}
+        assert body["messages"][1] == {"role": "assistant", "content": "", "reasoning_content": THOUGHT,
+                                       "tool_calls": calls}
+        page.reload()
+        assert page.text_content(".thinking-text") == THOUGHT and not page.is_checked("#think")
+        assert json.loads(page.text_content(".tool-calls")) == calls
+
+
 def test_phone_width_layout(browser, server: ServerThread) -> None:
     context = browser.new_context(viewport={"width": 390, "height": 844})
     page = context.new_page()
     page.goto(server.url)
-    page.wait_for_function(f"document.getElementById('model').textContent.startsWith({MODEL_NAME!r})")
+    wait_for_the_model(page)
     # The settings panel starts closed so it does not cover the conversation; the top bar stays one line.
     assert not page.is_visible("#settings")
     assert page.get_attribute("#toggle-settings", "aria-expanded") == "false"

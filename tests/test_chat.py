@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pty
@@ -14,12 +15,15 @@ from pathlib import Path
 
 import pytest
 from test_generate import build_checkpoint
+from test_server import memorize
 
+from qwen3.data.tokenizer import load_tokenizer
 from qwen3.errors import UserError
 from qwen3.infer.chat import ChatSession, run_chat
 from qwen3.infer.demo import DEMO_PROMPTS, run_demo
 from qwen3.infer.engine import Engine, load_engine
 from qwen3.infer.sampling import SamplingParams
+from qwen3.model.checkpoint import load_model, save_model
 
 REPLY = SamplingParams(temperature=0, max_new_tokens=6)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -143,7 +147,7 @@ def test_ctrl_c_leaves_the_chat_cleanly(folder: Path) -> None:
 def test_history_is_trimmed_to_fit_the_context(engine: Engine) -> None:
     session = ChatSession(engine, SamplingParams(temperature=0, max_new_tokens=100))
     for turn in range(12):
-        "".join(session.reply(f"turn {turn}: The LORD is my shepherd; I shall not want."))
+        list(session.reply(f"turn {turn}: The LORD is my shepherd; I shall not want."))
         prompt_tokens = engine.last_completion.prompt_tokens
         assert prompt_tokens == len(engine.encode_prompt(session.last_prompt))  # nothing cropped
         assert prompt_tokens + min(100, engine.max_context // 2) <= engine.max_context
@@ -165,11 +169,77 @@ def test_commands(engine: Engine) -> None:
     assert "unknown command" in session.command("/frobnicate")
     assert session.command("/quit") is None
     session.command("/system Answer in verse.")
-    "".join(session.reply("Hi"))
+    list(session.reply("Hi"))
     assert session.last_prompt.startswith("<|im_start|>system\nAnswer in verse.<|im_end|>")
     session.command("/mode plain")
-    "".join(session.reply("Next"))
+    list(session.reply("Next"))
     assert session.last_prompt.startswith("Hi") and session.last_prompt.endswith("\nNext")
+
+
+THOUGHT, ANSWER = "The user greets me.", "Hello to you."
+
+
+@pytest.fixture(scope="module")
+def thinking_folder(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chat's model taught to think before it answers "Hi" (greedy)."""
+    model, tokenizer = load_model(folder), load_tokenizer(folder)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    reply = f"<think>\n{THOUGHT}\n</think>\n\n{ANSWER}"
+    memorize(model, tokenizer, prompt, reply)
+    assert Engine(model, tokenizer).generate(prompt, SamplingParams(temperature=0, max_new_tokens=60)).text == reply
+    taught = tmp_path_factory.mktemp("thinking") / "ckpt"
+    save_model(model, taught, tokenizer=tokenizer)
+    return taught
+
+
+def test_thinking_is_kept_apart_from_the_answer(thinking_folder: Path) -> None:
+    session = ChatSession(load_engine(thinking_folder, device="cpu"), SamplingParams(temperature=0, max_new_tokens=60))
+    deltas = list(session.reply("Hi"))
+    assert "".join(d.reasoning for d in deltas) == THOUGHT and "".join(d.content for d in deltas) == ANSWER
+    assert session.messages[-1] == {"role": "assistant", "content": ANSWER, "reasoning_content": THOUGHT}
+    # In the next prompt the old turn is its answer alone, as the template renders a past turn.
+    list(session.reply("And then?"))
+    assert f"<|im_start|>assistant\n{ANSWER}<|im_end|>" in session.last_prompt and THOUGHT not in session.last_prompt
+
+
+def test_think_and_no_think(engine: Engine) -> None:
+    session = ChatSession(engine, REPLY)
+    assert "thinking: the template's default" in session.command("/show")
+    assert session.command("/no_think") == "(thinking off from the next reply)"
+    list(session.reply("Hi"))
+    assert session.last_prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert "thinking: off" in session.command("/show")
+    session.command("/think")
+    list(session.reply("Again"))
+    assert session.last_prompt.endswith("<|im_start|>assistant\n") and "thinking: on" in session.command("/show")
+    plain = Engine(engine.model, dataclasses.replace(engine.tokenizer, chat_template=(
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")))
+    assert ChatSession(plain, REPLY).command("/think") == "this model's chat template has no thinking mode"
+    with pytest.raises(UserError, match="no thinking mode"):
+        ChatSession(plain, REPLY, thinking=False)
+
+
+def test_thinking_over_a_pipe_and_with_no_think(thinking_folder: Path) -> None:
+    chat = [*CHAT, "--max-new-tokens", "60", str(thinking_folder)]  # room for the thought and the answer
+    result = subprocess.run(chat, input="Hi\n", capture_output=True, text=True, timeout=120, env=ENV)
+    assert f"you> thinking> {THOUGHT}\nbot> {ANSWER}\n" in result.stdout, result.stdout
+    result = subprocess.run([*chat, "--no-think"], input="Hi\n/show\n/prompt\n", capture_output=True, text=True,
+                            timeout=120, env=ENV)
+    assert "thinking> " not in result.stdout and "thinking: off" in result.stdout
+    assert "<|im_start|>assistant\n<think>\n\n</think>\n\n" in result.stdout
+
+
+def test_thinking_is_dimmed_in_a_terminal(thinking_folder: Path) -> None:
+    terminal = Terminal([*CHAT, "--max-new-tokens", "60", str(thinking_folder)])
+    terminal.read_until("you> ")
+    terminal.type("Hi\n")
+    shown = terminal.read_until("you> ")
+    assert f"thinking> \x1b[2m{THOUGHT}\x1b[0m\r\nbot> {ANSWER}" in shown, repr(shown)
+    terminal.type("/show\n")
+    assert "thinking: the template's default" in terminal.read_until("you> ")
+    terminal.type("\x04")
+    terminal.read_until("bye")
+    assert terminal.exit_code() == 0
 
 
 def test_run_chat_with_text_streams(folder: Path) -> None:

@@ -25,6 +25,7 @@ import httpx
 import openai
 import pytest
 import torch
+import torch.nn.functional as F
 import uvicorn
 
 from qwen3 import cli
@@ -63,6 +64,28 @@ def make_checkpoint(folder: Path, context: int = CONTEXT) -> Path:
     torch.manual_seed(0)
     save_model(Qwen3ForCausalLM(config), folder, tokenizer=tokenizer)
     return folder
+
+
+def memorize(model, tokenizer, prompt: str, reply: str) -> None:
+    """Train `model` until greedy decoding of `prompt` gives `reply` then <|im_end|>."""
+    start = len(tokenizer.encode(prompt))
+    ids = torch.tensor([tokenizer.encode(prompt + reply + "<|im_end|>")])
+    inputs, targets = ids[:, :-1], ids[0, start:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small only lose time to thread hand-offs
+    model.train()
+    try:
+        for _ in range(300):
+            logits = model(inputs)[0, start - 1:]  # the positions that predict the reply
+            if bool((logits.argmax(dim=-1) == targets).all()):
+                break
+            optimizer.zero_grad()
+            F.cross_entropy(logits, targets).backward()
+            optimizer.step()
+    finally:
+        model.eval()
+        torch.set_num_threads(threads)
 
 
 class ServerThread:
@@ -271,6 +294,16 @@ BAD_REQUESTS = [
      400, "messages"),
     ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user"}]}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL_NAME, "messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {
+            "name": "g"}}}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}],
+                              "chat_template_kwargs": {"enable_thinking": "yes"}}, 400, "chat_template_kwargs"),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "tool", "content": "18 C"}]},
+     400, "messages"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "n": 1.5}, 400, "n"),
     ("/v1/chat/completions", b'{"model": "tiny", "messages": [', 400, None),
     ("/v1/chat/completions", b"[1, 2]", 400, None),
     ("/v1/chat/completions", b"\xff\xfe", 400, None),
@@ -345,7 +378,10 @@ def test_openapi_document_and_docs(server: ServerThread) -> None:
         assert "422" not in operation["responses"]
     request = schemas["CompletionRequest"]["properties"]
     assert request["model"]["enum"] == [MODEL_NAME]
-    assert request["top_p"]["exclusiveMinimum"] == 0 and request["top_p"]["maximum"] == 1
+    top_p = request["top_p"]["anyOf"][0]  # or null: the model's default
+    assert top_p["exclusiveMinimum"] == 0 and top_p["maximum"] == 1
+    # What an absent sampling field means for this model (its generation_config.json sets none).
+    assert (request["temperature"]["default"], request["top_k"]["default"]) == (1.0, 0)
     # Swagger UI, served from here: the page and everything it loads come from this server.
     docs = httpx.get(f"{server.url}/docs")
     assert docs.status_code == 200 and "script-src 'self'" in docs.headers["content-security-policy"]
@@ -401,6 +437,48 @@ def test_service_without_a_server(model, tokenizer) -> None:
     request = parse_request(CompletionRequest, b'{"model": "tiny", "prompt": "x", "seed": 3, "n": 2}')
     params = [service.sampling_params(request, [1, 2], None, chat=False, choice=i) for i in range(2)]
     assert [p.seed for p in params] == [3, 4] and params[0].max_new_tokens == 16
+
+
+def test_sampling_defaults_come_from_the_models_generation_config(model, tokenizer) -> None:
+    released_like = {"temperature": 0.6, "top_k": 20, "top_p": 0.95}
+    service = CompletionService(Scheduler(Engine(model, tokenizer, generation_config=released_like), max_batch=1),
+                                MODEL_NAME)
+
+    def settings(extra: dict) -> tuple:
+        body = parse_request(CompletionRequest, json.dumps({"model": MODEL_NAME, "prompt": "x", **extra}).encode())
+        params = service.sampling_params(body, [1], 5, chat=False, choice=0)
+        return params.temperature, params.top_k, params.top_p, params.min_p, params.repetition_penalty
+
+    assert settings({}) == (0.6, 20, 0.95, 0.0, 1.0)  # the model's, else the API's
+    assert settings({"temperature": 0, "top_k": None, "min_p": 0.1}) == (0.0, 20, 0.95, 0.1, 1.0)
+    with pytest.raises(UserError, match="top_k"):  # a broken generation_config.json stops the start
+        CompletionService(Scheduler(Engine(model, tokenizer, generation_config={"top_k": 2.5}), max_batch=1),
+                          MODEL_NAME)
+    spec = create_app(Engine(model, tokenizer, generation_config=released_like), MODEL_NAME, max_batch=1).openapi()
+    properties = spec["components"]["schemas"]["ChatRequest"]["properties"]
+    assert [properties[name]["default"] for name in ("temperature", "top_k", "top_p", "min_p")] == [0.6, 20, 0.95, 0.0]
+    assert "generation_config.json" in properties["temperature"]["description"]
+
+
+def test_the_smallest_top_p_keeps_the_top_token(client: openai.OpenAI, generator: Engine) -> None:
+    """top_p 5e-324 is in (0, 1] but 0 in float32: sampling still keeps the most likely token (it is
+    greedy), as schemathesis found once "n": 1.0 let such a request through."""
+    reply = client.completions.create(model=MODEL_NAME, prompt="The quick", max_tokens=8, top_p=5e-324, n=1.0)
+    assert reply.choices[0].text == reference(generator, "The quick", 8).text
+
+
+def test_integer_fields_take_numbers_without_a_fraction() -> None:
+    """JSON Schema calls 1.0 an integer; the API takes it as one, and nothing else that is not."""
+    def request(extra: dict) -> CompletionRequest:
+        return parse_request(CompletionRequest, json.dumps({"model": MODEL_NAME, "prompt": [5.0, 6], **extra}).encode())
+
+    body = request({"n": 2.0, "max_tokens": 3.0, "seed": 7.0, "top_k": 1.0})
+    values = (body.n, body.max_tokens, body.seed, body.top_k, *body.prompt)
+    assert values == (2, 3, 7, 1, 5, 6) and all(type(value) is int for value in values)
+    for bad in ({"n": 1.5}, {"max_tokens": "3"}, {"n": True}, {"seed": -1.0}, {"prompt": [5.5]}):
+        with pytest.raises(APIError) as caught:
+            request(bad)
+        assert caught.value.param == next(iter(bad))
 
 
 def test_sequence_length_and_chat_default(model, tokenizer) -> None:

@@ -4,18 +4,24 @@
 whole history, rendered with the tokenizer's chat template (Qwen's <|im_start|>role ...
 <|im_end|> turns) or, for a tokenizer without one or in `/mode plain`, as one running text the
 model continues. When the history outgrows the context, the oldest turns are dropped.
+
+Qwen3 thinks before it answers (<think>...</think>, reasoning.py): the thinking is written apart
+from the answer (dimmed on a terminal) and kept apart in the history (`reasoning_content`), so the
+next prompt renders it as the template expects. `/think` and `/no_think` (Qwen3's soft switches)
+set the template's `enable_thinking` for the following turns, for a template that reads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
 from qwen3.errors import UserError
 from qwen3.infer.engine import Engine, load_engine
+from qwen3.infer.reasoning import ReplyDelta, ReplyParser, leaves_thought_open, template_reads
 from qwen3.infer.sampling import SamplingParams
 
 HELP = """commands:
@@ -26,20 +32,30 @@ HELP = """commands:
   /show                  the current settings
   /system TEXT           set the system message (empty TEXT removes it)
   /mode chat|plain       chat template turns, or plain text continuation
+  /think, /no_think      let the model think before it answers, or not (a template with a thinking mode)
   /prompt                the exact prompt of the last reply
   /quit                  leave (Ctrl-D and Ctrl-C too)"""
 SETTABLE = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "seed")
 
 
-class ChatSession:
-    """A conversation: the messages so far, the settings, and how they become the model's prompt."""
+NO_THINKING_MODE = "this model's chat template has no thinking mode"
 
-    def __init__(self, engine: Engine, params: SamplingParams, system: str | None = None) -> None:
+
+class ChatSession:
+    """A conversation: the messages so far, the settings, and how they become the model's prompt.
+    `thinking` is the template's enable_thinking (None: the template's own default)."""
+
+    def __init__(self, engine: Engine, params: SamplingParams, system: str | None = None,
+                 thinking: bool | None = None) -> None:
         self.engine = engine
         self.params = params.validate()
         self.system = system
         self.messages: list[dict[str, str]] = []
         self.template = engine.tokenizer.chat_template is not None
+        self.thinking_mode = template_reads(engine.tokenizer.chat_template, "enable_thinking")
+        if thinking is not None and not self.thinking_mode:
+            raise UserError(f"{NO_THINKING_MODE}: thinking cannot be turned off")
+        self.thinking = thinking
         self.last_prompt = ""
 
     def reset(self) -> None:
@@ -49,7 +65,8 @@ class ChatSession:
         """The prompt text for a reply after `messages`."""
         if self.template:
             system = [{"role": "system", "content": self.system}] if self.system else []
-            return self.engine.tokenizer.apply_chat_template(system + messages, add_generation_prompt=True)
+            switch = {} if self.thinking is None else {"enable_thinking": self.thinking}
+            return self.engine.tokenizer.apply_chat_template(system + messages, add_generation_prompt=True, **switch)
         # Plain continuation: each user turn on a new line, each reply continuing it.
         text = ""
         for message in messages:
@@ -74,19 +91,26 @@ class ChatSession:
             # Drop the oldest exchange: a user message and the reply that followed it.
             self.messages = self.messages[2:] if len(self.messages) > 2 else self.messages[-1:]
 
-    def reply(self, text: str) -> Iterator[str]:
-        """Add the user's message and stream the model's answer, which joins the history."""
+    def reply(self, text: str) -> Iterator[ReplyDelta]:
+        """Add the user's message and stream the model's reply, its thinking apart from its answer
+        (in plain mode all of it is answer); the reply joins the history."""
         self.messages.append({"role": "user", "content": text})
         ids = self.prompt_ids()
         budget = max(1, self.engine.max_context - len(ids))
         params = dataclasses.replace(self.params, max_new_tokens=min(self.params.max_new_tokens, budget))
-        pieces = []
+        pieces = self.engine.stream(ids, params)
+        parser = ReplyParser(leaves_thought_open(self.last_prompt)) if self.template else None
+        reply = ReplyDelta()
         try:
-            for piece in self.engine.stream(ids, params):
-                pieces.append(piece)
-                yield piece
+            for delta in parser.parse(pieces) if parser else (ReplyDelta(content=piece) for piece in pieces):
+                reply.extend(delta)
+                if delta:
+                    yield delta
         finally:  # an interrupted reply still joins the history as far as it got
-            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            message = {"role": "assistant", "content": reply.content}
+            if parser and parser.thought:
+                message["reasoning_content"] = reply.reasoning
+            self.messages.append(message)
 
     def command(self, line: str) -> str | None:
         """Run a /command; return the text to show, or None to leave the chat."""
@@ -102,7 +126,12 @@ class ChatSession:
         if name == "show":
             settings = ", ".join(f"{field}={getattr(self.params, field)}" for field in SETTABLE)
             mode = "chat template" if self.template else "plain continuation"
-            return f"{settings}\nmode: {mode}; system: {self.system or '(none)'}"
+            return f"{settings}\nmode: {mode}; thinking: {self.thinking_state()}; system: {self.system or '(none)'}"
+        if name in ("think", "no_think"):
+            if not self.thinking_mode:
+                return NO_THINKING_MODE
+            self.thinking = name == "think"
+            return f"(thinking {'on' if self.thinking else 'off'} from the next reply)"
         if name == "set":
             return self.set(argument)
         if name == "system":
@@ -118,6 +147,11 @@ class ChatSession:
         if name == "prompt":
             return self.last_prompt or "(no reply yet)"
         return f"unknown command /{name}; /help lists the commands"
+
+    def thinking_state(self) -> str:
+        if not self.thinking_mode:
+            return "none (the chat template has no thinking mode)"
+        return {None: "the template's default", True: "on", False: "off"}[self.thinking]
 
     def set(self, argument: str) -> str:
         field, _, value = argument.partition(" ")
@@ -155,17 +189,43 @@ def read_line(prompt: str, input_stream: TextIO, output_stream: TextIO) -> str |
     return line.rstrip("\r\n") if line else None
 
 
+def write_reply(reply: Iterable[ReplyDelta], output: TextIO) -> None:
+    """Write a reply as it streams: its thinking, if any, on a line of its own after "thinking> "
+    (dimmed on a terminal), then its answer after "bot> "."""
+    dim, normal = ("\x1b[2m", "\x1b[0m") if output.isatty() else ("", "")
+    thinking = answering = False
+    try:
+        for delta in reply:
+            if delta.reasoning:
+                if not thinking:
+                    output.write(f"thinking> {dim}")
+                    thinking = True
+                output.write(delta.reasoning)
+            if delta.content:
+                if not answering:
+                    output.write(f"{normal}\nbot> " if thinking else "bot> ")
+                    answering = True
+                output.write(delta.content)
+            output.flush()
+    finally:  # also when Ctrl-C cuts the reply
+        if not answering:
+            output.write(f"{normal}\nbot> " if thinking else "bot> ")
+        output.write("\n")
+        output.flush()
+
+
 def run_chat(path: str | Path, settings: SamplingParams | Mapping[str, Any] | None = None,
              input_stream: TextIO = sys.stdin, output_stream: TextIO = sys.stdout, *,
              device: str = "auto", quantize: str | None = None, compile: bool = False,
-             system: str | None = None, dtype: str = "auto") -> None:
+             system: str | None = None, thinking: bool | None = None, dtype: str = "auto") -> None:
     """Chat with the checkpoint in the terminal until /quit, Ctrl-D or Ctrl-C. `settings` are the
     user's sampling settings: a SamplingParams is taken whole; of a mapping, the fields it sets
-    (not None), the model's generation_config.json and then SamplingParams' defaults the rest."""
+    (not None), the model's generation_config.json and then SamplingParams' defaults the rest.
+    `thinking`: the chat template's enable_thinking at the start (None: the template's default)."""
     given = dataclasses.asdict(settings) if isinstance(settings, SamplingParams) else dict(settings or {})
     SamplingParams.resolve(given)  # a bad setting is refused before the model loads
     engine = load_engine(path, device, quantize, compile, dtype)
-    session = ChatSession(engine, SamplingParams.resolve(given, engine.sampling_defaults), system)
+    session = ChatSession(engine, SamplingParams.resolve(given, engine.sampling_defaults), system, thinking)
     mode = "chat template" if session.template else "plain continuation"
     output_stream.write(f"Chatting with {engine.checkpoint} ({mode}, context "
                         f"{engine.max_context} tokens). /help for commands; /quit or Ctrl-D leaves.\n")
@@ -183,11 +243,7 @@ def run_chat(path: str | Path, settings: SamplingParams | Mapping[str, Any] | No
                     break
                 output_stream.write(answer + "\n")
                 continue
-            output_stream.write("bot> ")
-            for piece in session.reply(line):
-                output_stream.write(piece)
-                output_stream.flush()
-            output_stream.write("\n")
+            write_reply(session.reply(line), output_stream)
     except KeyboardInterrupt:
         pass
     output_stream.write("\nbye\n")

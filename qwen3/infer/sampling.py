@@ -183,7 +183,8 @@ def filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     keep = torch.arange(scores.shape[-1], device=scores.device)[None, :] < top_k
     probs = torch.softmax(ordered.masked_fill(~keep, float("-inf")), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
-    keep &= mass_before < top_p  # the top token (mass 0 before it) always stays
+    keep &= mass_before < top_p
+    keep[:, 0] = True  # the top token always stays, even for a top_p float32 rounds to 0 (5e-324)
     # The lowest kept score is the row's threshold: one comparison filters the unsorted scores.
     threshold = ordered.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
     return scores.masked_fill(scores < threshold, float("-inf"))

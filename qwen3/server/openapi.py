@@ -21,7 +21,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from swagger_ui_bundle import swagger_ui_path
 
-from qwen3.server.schemas import ChatCompletionChunk, ChatRequest, CompletionRequest, ErrorResponse
+from qwen3.server.schemas import (API_SAMPLING_DEFAULTS, ChatCompletionChunk, ChatRequest, CompletionRequest,
+                                  ErrorResponse)
 
 DESCRIPTION = ("OpenAI-compatible completions and chat completions of one model, batched continuously. "
                "Every error is answered as `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.")
@@ -32,8 +33,9 @@ REF = "#/components/schemas/{model}"
 
 ERRORS = {
     400: "the body is not valid JSON, a field has the wrong type or an impossible value, the prompt "
-         "does not fit the context (code `context_length_exceeded`), or an option is not supported "
-         "(code `unsupported_parameter`)",
+         "does not fit the context (code `context_length_exceeded`), `tool_choice` names a function not "
+         "in `tools`, or an option is not supported (code `unsupported_parameter`; also `enable_thinking` "
+         "or `tools` where the model's chat template has no thinking mode or no tools)",
     401: "the server has an API key and the request does not carry it as `Authorization: Bearer <key>`",
     404: "no such model (code `model_not_found`)",
     413: "the body is larger than 4 MiB",
@@ -100,12 +102,17 @@ def document(app: FastAPI) -> dict[str, Any]:
             operation["responses"].pop("422", None)
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
-    # One model is served: its name is the one value `model` (and /v1/models/{name}) accepts.
-    served = [app.state.service.model_name]
+    # One model is served: its name is the one value `model` (and /v1/models/{name}) accepts, and its
+    # sampling defaults (generation_config.json, else the API's) are what an absent field means.
+    service = app.state.service
+    defaults = {**API_SAMPLING_DEFAULTS, **service.sampling_defaults}
     for request in EXTRA_MODELS[:2]:
-        schemas[request[0].__name__]["properties"]["model"]["enum"] = served
+        properties = schemas[request[0].__name__]["properties"]
+        properties["model"]["enum"] = [service.model_name]
+        for name, value in defaults.items():
+            properties[name]["default"] = value
     for parameter in spec["paths"]["/v1/models/{name}"]["get"]["parameters"]:
-        parameter["schema"]["enum"] = served
+        parameter["schema"]["enum"] = [service.model_name]
     return spec
 
 

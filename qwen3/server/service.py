@@ -3,33 +3,57 @@
 `CompletionService` is what the routes of app.py call, one method per step, kept in `app.state`
 so it can be read and tested on its own (it needs a `Scheduler`, not a running server). Requests
 reach it already parsed into the models of schemas.py; it raises `APIError` for what the schemas
-cannot say (an unknown model, a prompt longer than the context, unsupported options) and builds
-its answers from the response models, as JSON or as server-sent events.
+cannot say (an unknown model, a prompt longer than the context, unsupported options, a thinking
+mode or tools the chat template cannot render) and hands the answer to reply.py, as JSON or as
+server-sent events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+import json
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from qwen3.errors import UserError
 from qwen3.infer.engine import encode_prompt
+from qwen3.infer.reasoning import CALL_OPEN, THINK_CLOSE, ReplyParser, leaves_thought_open, template_reads
 from qwen3.infer.sampling import SamplingParams
+from qwen3.server.reply import ChatReply, CompletionReply, Reply, collect, stream
 from qwen3.server.scheduler import Event, Job, QueueFull, Scheduler
-from qwen3.server.schemas import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
-                                  ChatCompletionChunk, ChatRequest, Completion, CompletionChoice, CompletionRequest,
-                                  Delta, GenerationRequest, Health, Message, ModelCard, ModelList, Usage)
+from qwen3.server.schemas import (API_SAMPLING_DEFAULTS, APIError, ChatRequest, CompletionRequest, GenerationRequest,
+                                  Health, ModelCard, ModelList, NamedToolChoice)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 1024  # a chat reply's, when the request sets none (`qwen3 serve --default-max-tokens`)
+# The chat template's variables that the server sets itself, which chat_template_kwargs may not.
+RESERVED_TEMPLATE_VARIABLES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
+
+
+@dataclass
+class ChatPrompt:
+    """A conversation rendered for its reply (`text`, then `opening`, as `ids`), and how to read the
+    reply: whether it begins inside a thought, the names of the tools whose calls are parsed (None:
+    no calls are), and the `opening` the prompt ends with, which the reply is taken to begin with
+    (the start of a call it must make)."""
+
+    text: str
+    ids: list[int]
+    in_thought: bool
+    tools: frozenset[str] | None
+    opening: str = ""
+
+    def parser(self) -> ReplyParser:
+        parser = ReplyParser(self.in_thought, self.tools)
+        parser.push(self.opening)  # settles nothing: it only opens a call
+        return parser
 
 
 class CompletionService:
@@ -45,6 +69,9 @@ class CompletionService:
         self.chat_max_tokens = chat_max_tokens
         self.vocab_size = scheduler.engine.model.config.vocab_size
         self.created = int(time.time())
+        # The model's own sampling (generation_config.json), checked once: a bad file stops the start.
+        self.sampling_defaults = scheduler.engine.sampling_defaults
+        SamplingParams.resolve({}, self.sampling_defaults, SamplingParams(**API_SAMPLING_DEFAULTS))
 
     def health(self) -> Health:
         return Health(status="ok", model=self.model_name, **self.scheduler.stats())
@@ -64,7 +91,8 @@ class CompletionService:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
         return ModelCard(id=self.model_name, object="model", created=self.created, owned_by="qwen3-from-scratch",
-                         context_length=self.scheduler.context)
+                         context_length=self.scheduler.context,
+                         thinking=template_reads(self.tokenizer.chat_template, "enable_thinking"))
 
     def models(self) -> ModelList:
         return ModelList(object="list", data=[self.model_card()])
@@ -74,13 +102,15 @@ class CompletionService:
         self.check(body)
         # Tokenizing a long prompt takes a while: off the event loop, so streams keep flowing.
         prompts = await asyncio.to_thread(lambda: [self.encode(prompt, "prompt") for prompt in body.prompts()])
-        return await self.respond(request, body, prompts, body.max_tokens, chat=False)
+        reply = functools.partial(CompletionReply, self.model_name, sum(len(ids) for ids in prompts))
+        return await self.respond(request, body, prompts, body.max_tokens, chat=False, reply=reply)
 
     async def chat(self, request: Request, body: ChatRequest) -> Response:
         """POST /v1/chat/completions."""
         self.check(body)
-        prompt = await asyncio.to_thread(self.encode_chat, body.messages)
-        return await self.respond(request, body, [prompt], body.token_limit(), chat=True)
+        prompt = await asyncio.to_thread(self.chat_prompt, body)
+        reply = functools.partial(ChatReply, self.model_name, len(prompt.ids), parser=prompt.parser)
+        return await self.respond(request, body, [prompt.ids], body.token_limit(), chat=True, reply=reply)
 
     def check(self, body: GenerationRequest) -> None:
         self.model_card(body.model)
@@ -98,14 +128,44 @@ class CompletionService:
                            param=param, code="context_length_exceeded")
         return ids
 
-    def encode_chat(self, messages: list[Message]) -> list[int]:
-        """The conversation rendered with the checkpoint's chat template, ready for the reply."""
+    def chat_prompt(self, body: ChatRequest) -> ChatPrompt:
+        """The conversation rendered with the checkpoint's chat template, ready for the reply: with
+        the request's tools (unless tool_choice is "none") and chat_template_kwargs."""
+        template = self.tokenizer.chat_template
+        variables = body.chat_template_kwargs.variables() if body.chat_template_kwargs else {}
+        reserved = [name for name in RESERVED_TEMPLATE_VARIABLES if name in variables]
+        if reserved:
+            raise APIError(400, f"chat_template_kwargs may not set {reserved[0]!r}: the server sets it "
+                                f"from the request", param="chat_template_kwargs")
+        if "enable_thinking" in variables and template is not None and not template_reads(template, "enable_thinking"):
+            raise APIError(400, "this model's chat template has no thinking mode (it never reads enable_thinking): "
+                                "leave chat_template_kwargs.enable_thinking out", param="chat_template_kwargs",
+                           code="unsupported_parameter")
+        choice = body.tool_choice or "auto"
+        names = [tool.function.name for tool in body.tools or []]
+        if choice not in ("none", "auto") and not names:
+            raise APIError(400, "tool_choice other than 'none' or 'auto' needs 'tools'", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which is not in "
+                                f"'tools' ({', '.join(names)})", param="tool_choice")
+        tools = names if names and choice != "none" else None
+        if tools and template is not None and not template_reads(template, "tools"):
+            raise APIError(400, "this model's chat template does not render tools", param="tools",
+                           code="unsupported_parameter")
+        if tools:  # as the client wrote them (the template writes them into the prompt as JSON)
+            variables["tools"] = [tool.model_dump(exclude_unset=True) for tool in body.tools]
         try:
-            text = self.tokenizer.apply_chat_template([m.as_template_message() for m in messages],
-                                                      add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template([m.as_template_message() for m in body.messages],
+                                                      add_generation_prompt=True, **variables)
         except UserError as error:
             raise APIError(400, str(error), param="messages") from None
-        return self.encode(text, "messages")
+        except Exception as error:  # a template meeting values it cannot take: the request's, not a bug here
+            raise APIError(400, f"the chat template failed to render these messages: {error}",
+                           param="messages") from None
+        in_thought = leaves_thought_open(text)
+        opening = forced_call(choice, in_thought)
+        return ChatPrompt(text, self.encode(text + opening, "messages"), in_thought,
+                          frozenset(tools) if tools else None, opening)
 
     def sampling_params(self, body: GenerationRequest, prompt_ids: list[int], max_tokens: int | None,
                         chat: bool, choice: int) -> SamplingParams:
@@ -118,12 +178,13 @@ class CompletionService:
             raise APIError(400, f"max_tokens is {max_tokens}, but the prompt is {len(prompt_ids)} tokens "
                                 f"and the context {self.scheduler.context}: at most {room} tokens can be generated",
                            param="max_tokens", code="context_length_exceeded")
-        # The request schema holds validate's ranges, so a UserError here would be a bug (a 500).
-        return SamplingParams(
-            max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-            min_p=body.min_p, repetition_penalty=body.repetition_penalty,
-            # Choice i of a seeded request is what a request with seed + i gives on its own.
-            seed=None if body.seed is None else body.seed + choice, stop=body.stop_list()).validate()
+        # The request's settings, else the model's (generation_config.json), else the API's. The request
+        # schema holds validate's ranges, so a UserError here would be a bug (a 500).
+        return SamplingParams.resolve(
+            {**body.sampling_settings(), "max_new_tokens": max_tokens, "stop": body.stop_list(),
+             # Choice i of a seeded request is what a request with seed + i gives on its own.
+             "seed": None if body.seed is None else body.seed + choice},
+            self.sampling_defaults, SamplingParams(**API_SAMPLING_DEFAULTS))
 
     def jobs(self, body: GenerationRequest, prompts: list[list[int]], max_tokens: int | None, chat: bool,
              events: asyncio.Queue[Event]) -> list[Job]:
@@ -137,15 +198,16 @@ class CompletionService:
                 for p, ids in enumerate(prompts) for choice in range(body.n)]
 
     async def respond(self, request: Request, body: GenerationRequest, prompts: list[list[int]],
-                      max_tokens: int | None, chat: bool) -> Response:
-        """Queue the request's jobs, then answer as JSON or as a stream of events."""
+                      max_tokens: int | None, chat: bool, reply: Callable[[int], Reply]) -> Response:
+        """Queue the request's jobs, then answer as JSON or as a stream of events; `reply(choices)`
+        assembles the answer."""
         events: asyncio.Queue[Event] = asyncio.Queue()
         jobs = self.jobs(body, prompts, max_tokens, chat, events)
         try:
             self.scheduler.submit(jobs)
         except QueueFull as error:
             raise APIError(429, str(error), type="server_overloaded", code="queue_full") from None
-        reply = Reply(chat, self.model_name, sum(len(ids) for ids in prompts), len(jobs))
+        reply = reply(len(jobs))
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return JobStream(stream(reply, events, include_usage), self.scheduler, jobs)
@@ -180,95 +242,20 @@ class JobStream(StreamingResponse):
             self.scheduler.cancel(self.jobs)
 
 
-class Reply:
-    """The OpenAI response being assembled for one request: its id, texts, finish reasons, usage."""
-
-    def __init__(self, chat: bool, model: str, prompt_tokens: int, choices: int) -> None:
-        self.chat = chat
-        self.model = model
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.prompt_tokens = prompt_tokens
-        self.choices = choices
-        self.texts: list[list[str]] = [[] for _ in range(choices)]
-        self.finish_reasons: list[str | None] = [None] * choices
-        self.completion_tokens = 0
-        self.unfinished = choices
-
-    def record(self, event: Event) -> None:
-        self.texts[event.index].append(event.text)
-        if event.finish_reason is not None:
-            self.finish_reasons[event.index] = event.finish_reason
-            self.completion_tokens += event.completion_tokens
-            self.unfinished -= 1
-
-    def usage(self) -> Usage:
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                     total_tokens=self.prompt_tokens + self.completion_tokens)
-
-    def chunk(self, index: int | None, text: str = "", finish_reason: str | None = None,
-              usage: bool = False, role: bool = False) -> ChatCompletionChunk | Completion:
-        """A streamed chunk for one choice, or (index None) the final usage chunk with no choices.
-
-        Serialized without unset fields: a chat delta holds only what it carries, and `usage` is
-        there (null until the final chunk) only when the client asked for it."""
-        header = dict(id=self.id, created=self.created, model=self.model)
-        if usage:  # with include_usage, OpenAI sends "usage": null until the final usage chunk
-            header["usage"] = self.usage() if index is None else None
-        if self.chat:
-            delta = Delta(role="assistant", content=text) if role else Delta(content=text) if text else Delta()
-            choices = [] if index is None else [
-                ChatChunkChoice(index=index, delta=delta, logprobs=None, finish_reason=finish_reason)]
-            return ChatCompletionChunk(object="chat.completion.chunk", choices=choices, **header)
-        choices = [] if index is None else [
-            CompletionChoice(index=index, text=text, logprobs=None, finish_reason=finish_reason)]
-        return Completion(object="text_completion", choices=choices, **header)
-
-    def final(self) -> ChatCompletion | Completion:
-        """The complete `chat.completion` or `text_completion` object."""
-        texts = ["".join(pieces) for pieces in self.texts]
-        header = dict(id=self.id, created=self.created, model=self.model, usage=self.usage())
-        if self.chat:
-            return ChatCompletion(object="chat.completion", **header, choices=[
-                ChatChoice(index=i, message=AssistantMessage(role="assistant", content=text), finish_reason=reason)
-                for i, (text, reason) in enumerate(zip(texts, self.finish_reasons))])
-        return Completion(object="text_completion", **header, choices=[
-            CompletionChoice(index=i, text=text, finish_reason=reason)
-            for i, (text, reason) in enumerate(zip(texts, self.finish_reasons))])
-
-
-async def stream(reply: Reply, events: asyncio.Queue[Event], include_usage: bool) -> AsyncIterator[str]:
-    """The SSE lines of a streamed response: a chunk per piece of text, usage, then [DONE]."""
-    if reply.chat:
-        for index in range(reply.choices):
-            yield sse(reply.chunk(index, usage=include_usage, role=True))
-    while reply.unfinished:
-        event = await events.get()
-        if event.error is not None:
-            yield sse(APIError(500, event.error, type="server_error").response())
-            return
-        reply.record(event)
-        yield sse(reply.chunk(event.index, event.text, event.finish_reason, usage=include_usage))
-    if include_usage:
-        yield sse(reply.chunk(None, usage=True))
-    yield "data: [DONE]\n\n"
-
-
-async def collect(reply: Reply, events: asyncio.Queue[Event]) -> ChatCompletion | Completion:
-    """Wait for every choice to finish; the complete response object."""
-    while reply.unfinished:
-        event = await events.get()
-        if event.error is not None:
-            raise APIError(500, event.error, type="server_error")
-        reply.record(event)
-    return reply.final()
+def forced_call(choice: object, in_thought: bool) -> str:
+    """What the prompt ends with so that the reply begins a tool call: of the named function, or
+    (tool_choice "required") of one the model names; after closing the thought the prompt left
+    open. Nothing for "auto" and "none"."""
+    if choice == "required":
+        call = CALL_OPEN + '\n{"name": "'
+    elif isinstance(choice, NamedToolChoice):
+        call = CALL_OPEN + '\n{"name": ' + json.dumps(choice.function.name) + ', "arguments": '
+    else:
+        return ""
+    return (THINK_CLOSE + "\n\n" if in_thought else "") + call
 
 
 async def wait_for_disconnect(request: Request) -> None:
     """Return when the client closes the connection (the body has been read already)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def sse(chunk: BaseModel) -> str:
-    return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"

@@ -1,20 +1,24 @@
 // The chat page: sends the conversation to /v1/chat/completions and shows the reply as it streams.
 //
 // Everything the model or the user wrote is put into the page with textContent, never parsed as
-// HTML, so a reply containing <script> is shown as text. The conversation and settings live in
-// localStorage (the API key in sessionStorage, so it is forgotten with the tab).
+// HTML, so a reply containing <script> is shown as text. A reply's thinking (reasoning_content)
+// streams into a folded block above its answer, and its tool calls show as JSON below it. The
+// conversation and settings live in localStorage (the API key in sessionStorage, so it is
+// forgotten with the tab).
 "use strict";
 
 const STORAGE_KEY = "qwen3-chat";
 const KEY_STORAGE_KEY = "qwen3-chat-api-key";
-const SETTINGS = ["temperature", "top_p", "top_k", "max_tokens", "system"];
+const SETTINGS = ["temperature", "top_p", "top_k", "max_tokens", "system", "tools"];
+const SWITCHES = ["think"];  // checkboxes
 
 const $ = (id) => document.getElementById(id);
 
 const state = {
   model: null,
   context: null,  // the model's context length in tokens, from /v1/models
-  messages: [],   // {role, content} of the whole conversation, as shown
+  thinking: false,  // whether its chat template has a thinking mode (enable_thinking)
+  messages: [],   // {role, content[, reasoning_content, tool_calls]} of the whole conversation, as shown
   first: 0,       // index of the oldest message still sent (older ones no longer fit the context)
   controller: null,
 };
@@ -31,18 +35,28 @@ function restore() {
   for (const name of SETTINGS) {
     if (saved.settings && typeof saved.settings[name] === "string") $(name).value = saved.settings[name];
   }
+  for (const name of SWITCHES) {
+    if (saved.settings && typeof saved.settings[name] === "boolean") $(name).checked = saved.settings[name];
+  }
   if (Array.isArray(saved.messages)) {
     state.messages = saved.messages.filter(
-      (m) => m && typeof m.content === "string" && (m.role === "user" || m.role === "assistant"));
+      (m) => m && typeof m.content === "string" && (m.role === "user" || m.role === "assistant")
+        && (m.reasoning_content === undefined || typeof m.reasoning_content === "string")
+        && (m.tool_calls === undefined || Array.isArray(m.tool_calls)));
     state.first = Math.min(Number(saved.first) || 0, state.messages.length);
   }
   $("api-key").value = sessionStorage.getItem(KEY_STORAGE_KEY) || "";
-  for (const message of state.messages) addMessage(message.role, message.content);
+  for (const message of state.messages) {
+    const item = addMessage(message.role, message.content);
+    if (message.reasoning_content) showThinking(item, message.reasoning_content, false);
+    if (message.tool_calls) showToolCalls(item, message.tool_calls);
+  }
   markForgotten();
 }
 
 function save() {
-  const settings = Object.fromEntries(SETTINGS.map((name) => [name, $(name).value]));
+  const settings = Object.fromEntries([
+    ...SETTINGS.map((name) => [name, $(name).value]), ...SWITCHES.map((name) => [name, $(name).checked])]);
   localStorage.setItem(STORAGE_KEY, JSON.stringify({ settings, messages: state.messages, first: state.first }));
   sessionStorage.setItem(KEY_STORAGE_KEY, $("api-key").value);
 }
@@ -63,6 +77,33 @@ function addMessage(role, text) {
   $("empty").hidden = true;
   scrollToEnd();
   return item;
+}
+
+// The reply's thinking, in a folded block above its answer ("Thinking…" while it streams).
+function showThinking(item, text, streaming) {
+  let block = item.querySelector(".thinking");
+  if (!block) {
+    block = document.createElement("details");
+    block.className = "thinking";
+    const summary = document.createElement("summary");
+    const body = document.createElement("div");
+    body.className = "thinking-text";
+    block.append(summary, body);
+    item.querySelector(".content").before(block);
+  }
+  block.querySelector("summary").textContent = streaming ? "Thinking…" : "Thought";
+  block.querySelector(".thinking-text").textContent = text;
+}
+
+// The reply's tool calls, as the API returned them (the page shows them; it runs nothing).
+function showToolCalls(item, calls) {
+  let block = item.querySelector(".tool-calls");
+  if (!block) {
+    block = document.createElement("pre");
+    block.className = "tool-calls";
+    item.querySelector(".content").after(block);
+  }
+  block.textContent = JSON.stringify(calls, null, 2);
 }
 
 function notice(text) {
@@ -117,6 +158,8 @@ async function connect() {
     const body = await response.json();
     state.model = body.data[0].id;
     state.context = Number(body.data[0].context_length) || null;
+    state.thinking = body.data[0].thinking === true;
+    $("think-setting").hidden = !state.thinking;
     $("model").textContent = state.context ? `${state.model} · ${state.context}-token context` : state.model;
     $("model").title = `${$("model").textContent}: the model this server serves`;
     $("status").className = "status ok";
@@ -141,6 +184,15 @@ function requestBody(maxTokens) {
   const topK = parseInt($("top_k").value, 10);
   if (topK > 0) body.top_k = topK;
   if (maxTokens !== null) body.max_tokens = maxTokens;
+  if (state.thinking) body.chat_template_kwargs = { enable_thinking: $("think").checked };
+  const tools = $("tools").value.trim();
+  if (tools) {
+    try {
+      body.tools = JSON.parse(tools);
+    } catch (error) {
+      throw new Error(`The Tools setting is not valid JSON (${error.message})`);
+    }
+  }
   return body;
 }
 
@@ -253,6 +305,8 @@ async function send(text) {
   state.controller = controller;
   setBusy(true);
   let reply = "";
+  let reasoning = "";
+  const calls = [];
   let failed = false;
   try {
     const { response, limit } = await openStream(controller.signal);
@@ -260,11 +314,20 @@ async function send(text) {
       if (chunk.error) throw new Error(chunk.error.message);
       const choice = chunk.choices[0];
       if (!choice) continue;
-      if (choice.delta && choice.delta.content) {
-        reply += choice.delta.content;
-        content.textContent = reply;
-        scrollToEnd();
+      const delta = choice.delta || {};
+      if (delta.reasoning_content) {
+        reasoning += delta.reasoning_content;
+        showThinking(item, reasoning, true);
       }
+      if (delta.content) {
+        reply += delta.content;
+        content.textContent = reply;
+      }
+      for (const call of delta.tool_calls || []) {
+        calls[call.index] = { id: call.id, type: call.type, function: call.function };
+        showToolCalls(item, calls);
+      }
+      scrollToEnd();
       if (choice.finish_reason === "length") item.dataset.outcome = limitOutcome(limit);
     }
   } catch (error) {
@@ -280,7 +343,8 @@ async function send(text) {
   } finally {
     state.controller = null;
     item.classList.remove("streaming");
-    if (failed && !reply) {
+    if (reasoning) showThinking(item, reasoning, false);
+    if (failed && !reply && !reasoning && !calls.length) {
       // Nothing came back: the message goes back into the box, and the history as it was.
       state.messages.pop();
       userItem.remove();
@@ -289,7 +353,10 @@ async function send(text) {
       markForgotten();
       $("input").value = text;
     } else {
-      state.messages.push({ role: "assistant", content: reply });
+      const message = { role: "assistant", content: reply };
+      if (reasoning) message.reasoning_content = reasoning;
+      if (calls.length) message.tool_calls = calls;
+      state.messages.push(message);
     }
     save();
     setBusy(false);
@@ -335,7 +402,7 @@ function init() {
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
   $("new-chat").addEventListener("click", newChat);
   $("toggle-settings").addEventListener("click", toggleSettings);
-  for (const name of SETTINGS) {
+  for (const name of [...SETTINGS, ...SWITCHES]) {
     $(name).addEventListener("input", () => { showSettingValues(); save(); });
   }
   $("api-key").addEventListener("change", () => { save(); connect(); });
