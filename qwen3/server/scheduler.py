@@ -8,14 +8,14 @@ for the others.
 
 How the batch is laid out. One `KVCache` of `max_batch` slots, each of `context` positions, is
 allocated when the scheduler is made and never again: its size is known at start-up and does not
-change with the traffic. `context` is `--max-seq-len`, else the model's context where that fits
-half the free memory, else the largest power of two that does (a released Qwen3's 40,960 positions
-x 16 slots would need ~70 GiB): the start-up line says which and why. Running requests ("jobs")
-hold slots 0 .. n-1, jobs[i] slot i, each sequence from the slot's first column, so rows of different lengths need no padding (the cache
-masks each row's keys by its own length). A new job's prompt is prefilled into the next free slot,
-unpadded, without touching the others' slots; when jobs leave, the last running jobs move into the
-slots they freed (one slot's copy each), so the running jobs stay in slots 0 .. n-1 and a decode
-step runs over one contiguous view of the cache.
+change with the traffic. `context` is `--max-seq-len`, else the model's context where that fits half
+the free memory, else the largest power of two that does (a released Qwen3's 40,960 positions x 16
+slots would need ~70 GiB): the start-up line says which and why. Running requests ("jobs") hold
+slots 0 .. n-1, jobs[i] slot i, each sequence from the slot's first column, so rows of different
+lengths need no padding (the cache masks each row's keys by its own length). A new job's prompt is
+prefilled into the next free slot, unpadded, without touching the others' slots; when jobs leave,
+the last running jobs move into the slots they freed (one slot's copy each), so the running jobs
+stay in slots 0 .. n-1 and a decode step runs over one contiguous view of the cache.
 
 Prefill, decode steps, sampling and per-token handling (stop tokens, stop strings, text decoding,
 finish reasons) are the `Engine`'s, so a request served alone produces exactly what
