@@ -40,7 +40,7 @@ from qwen3.errors import UserError, log
 
 # Bump when the store's layout or the way documents are read changes: old caches are then ignored.
 STORE_FORMAT_VERSION = 2
-TOKENIZER_FORMAT_VERSION = 3  # 3: the chat template with thinking and tool calls
+TOKENIZER_FORMAT_VERSION = 4  # 3: the chat template with thinking and tool calls; 4: <think> in content
 # The tokenizer is trained on the first this-many bytes of text, so training it stays memory-flat
 # and bounded in time on a corpus of any size (more text changes the merges of a small vocabulary little).
 TOKENIZER_SAMPLE_BYTES = 64 * 2**20
