@@ -116,18 +116,18 @@ def write_formats(folder: Path) -> list[Path]:
 
 
 def test_every_format_loads_to_the_same_rendered_tokens(tokenizer, tmp_path):
-    rendered = {path.name: render(tokenizer, read_conversations(path)[0]) for path in write_formats(tmp_path)}
+    rendered = {path.name: render(tokenizer, read_conversations(path)[0].messages) for path in write_formats(tmp_path)}
     reference = render(tokenizer, CONVERSATION[:3])
     assert all(value == reference for value in rendered.values()), list(rendered)
     pair = tmp_path / "pair.jsonl"
     pair.write_text(json.dumps({"prompt": CONVERSATION[1]["content"], "completion": CONVERSATION[2]["content"]}))
-    assert render(tokenizer, read_conversations(pair)[0]) == render(tokenizer, CONVERSATION[1:3])
+    assert render(tokenizer, read_conversations(pair)[0].messages) == render(tokenizer, CONVERSATION[1:3])
 
 
 @pytest.mark.parametrize("line, message", [
     ('{"messages": [{"role": "user", "content": "hi"}', r"bad\.jsonl, line 2: invalid JSON"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', r"line 2: the conversation has no assistant turn"),
-    ('{"messages": [{"role": "tool", "content": "x"}]}', r"line 2: message 1 has the unknown role 'tool'"),
+    ('{"messages": [{"role": "function", "content": "x"}]}', r"line 2: message 1 has the unknown role 'function'"),
     ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]}',
      r"line 2: message 2 \(gpt\) is empty"),
     ('{"text": "plain"}', r"line 2: no conversation found \(fields: 'text'\)"),

@@ -2,8 +2,9 @@
 
 `qwen3 sft DIR` is `qwen3 train --preset sft --init-from DIR`, so resume, DDP, evaluation,
 checkpoints and metrics are the loop's, as for pretraining. The conversations (`--data` files in
-any format of data/conversations.py, or without `--data` the embedded set of data/kjv.py) are
-rendered with the checkpoint's chat template, split by conversation into training and held-out,
+any format of data/conversations.py: reasoning, tools, tool calls and their results included, or
+without `--data` the embedded set of data/kjv.py) are rendered with the checkpoint's chat
+template, split by conversation into training and held-out,
 and packed into rows of seq_len + 1 tokens with their loss masks. The loop draws shuffled rows
 (`PackedRows`); the loss counts only the replies' tokens (targets of -100 elsewhere). Evaluation
 scores the held-out rows the same way: assistant-token loss, accuracy, perplexity, and bits per
@@ -20,11 +21,13 @@ import torch
 
 from qwen3.config import TrainConfig
 from qwen3.data.conversations import (
-    Messages,
+    Conversation,
     Packed,
     held_out,
+    pack,
+    pad_id,
     read_conversations,
-    render_and_pack,
+    render,
 )
 from qwen3.data.kjv import CHAT_PROMPTS, kjv_chat
 from qwen3.data.tokenizer import Tokenizer, load_tokenizer
@@ -62,8 +65,9 @@ class ChatFineTuning(Stage):
         if not held or not training_set:
             raise UserError(f"{len(training_set) + len(held)} conversation(s) split into {len(training_set)} for "
                             f"training and {len(held)} held out (val_fraction {config.val_fraction}): both need some")
-        stage = cls(loaded, render_and_pack(loaded, training_set, seq_len + 1),
-                    render_and_pack(loaded, held, seq_len + 1), list(config.data) or [EMBEDDED])
+        train, val = (pack([render(loaded, c.messages, c.tools) for c in part], seq_len + 1, pad_id(loaded))
+                      for part in (training_set, held))
+        stage = cls(loaded, train, val, list(config.data) or [EMBEDDED])
         if not stage.train.conversations or not stage.val.conversations:
             raise UserError(f"every {'training' if not stage.train.conversations else 'held-out'} conversation "
                             f"is longer than seq_len + 1 = {seq_len + 1} tokens: raise seq_len")
@@ -106,16 +110,17 @@ class ChatFineTuning(Stage):
                 f"{self.val.conversations:,} held out; {dropped:,} longer than a row dropped")
 
 
-def split_conversations(sources: list[str], val_fraction: float) -> tuple[list[Messages], list[Messages]]:
+def split_conversations(sources: list[str], val_fraction: float) -> tuple[list[Conversation], list[Conversation]]:
     """(training, held-out) conversations of the `--data` files, or of the embedded set."""
     if not sources:
         embedded_training, embedded_held = kjv_chat()
-        return [messages for _, messages in embedded_training], [messages for _, messages in embedded_held]
-    training: list[Messages] = []
-    held: list[Messages] = []
+        return ([Conversation(messages) for _, messages in embedded_training],
+                [Conversation(messages) for _, messages in embedded_held])
+    training: list[Conversation] = []
+    held: list[Conversation] = []
     for source in sources:
-        for messages in read_conversations(source):
-            (held if held_out(messages, val_fraction) else training).append(messages)
+        for conversation in read_conversations(source):
+            (held if held_out(conversation, val_fraction) else training).append(conversation)
     return training, held
 
 
