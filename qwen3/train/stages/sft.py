@@ -4,11 +4,15 @@
 checkpoints and metrics are the loop's, as for pretraining. The conversations (`--data` files in
 any format of data/conversations.py: reasoning, tools, tool calls and their results included, or
 without `--data` the embedded set of data/kjv.py) are rendered with the checkpoint's chat
-template, split by conversation into training and held-out,
-and packed into rows of seq_len + 1 tokens with their loss masks. The loop draws shuffled rows
-(`PackedRows`); the loss counts only the replies' tokens (targets of -100 elsewhere). Evaluation
-scores the held-out rows the same way: assistant-token loss, accuracy, perplexity, and bits per
-byte of the reply text.
+template, split by conversation into training and held-out, and packed into rows of seq_len + 1
+tokens with their loss masks. The loop draws shuffled rows (`PackedRows`); the loss counts only the
+replies' tokens (targets of -100 elsewhere). Evaluation scores the held-out rows the same way:
+assistant-token loss, accuracy, perplexity, and bits per byte of the reply text.
+
+The row length is config.seq_len, else chosen (`row_length`): the longest conversation rounded up
+to a multiple of SEQ_LEN_MULTIPLE, at most the model's context or SEQ_LEN_CAP (`longest_sequence`);
+a conversation longer than the row is dropped and counted. The embedded set keeps rows of
+EMBEDDED_SEQ_LEN + 1, those its measurements were made with.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from qwen3.config import TrainConfig
+from qwen3.config import SEQ_LEN_MULTIPLE, TrainConfig
 from qwen3.data.conversations import (
     Conversation,
     Packed,
+    Rendered,
     held_out,
     pack,
     pad_id,
@@ -36,9 +41,10 @@ from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.runtime import Distributed
 from qwen3.train.metrics import EvalResult, score_packed
 from qwen3.train.parallel import BatchLayout
-from qwen3.train.stages.base import Stage
+from qwen3.train.stages.base import Stage, longest_sequence
 
 EMBEDDED = "builtin:kjv-chat"
+EMBEDDED_SEQ_LEN = 256  # the embedded set's rows: 257 tokens, as on the seed's model (context 256)
 
 
 class ChatFineTuning(Stage):
@@ -47,14 +53,16 @@ class ChatFineTuning(Stage):
     name = "sft"
     chat = True
 
-    def __init__(self, tokenizer: Tokenizer, train: Packed, val: Packed, sources: list[str]) -> None:
+    def __init__(self, tokenizer: Tokenizer, train: Packed, val: Packed, sources: list[str], rows: str) -> None:
         self.tokenizer = tokenizer
         self.train = train
         self.val = val
         self.sources = sources
+        self.seq_len = train.rows.shape[1] - 1
+        self.rows = rows  # the row length and why
 
     @classmethod
-    def prepare(cls, config: TrainConfig, tokenizer: str, seq_len: int, progress: bool = False,
+    def prepare(cls, config: TrainConfig, tokenizer: str, context: int, progress: bool = False,
                 training: bool = True) -> ChatFineTuning:
         """Rendered, split and packed conversations (the same whether training or scoring)."""
         if not tokenizer:
@@ -65,9 +73,10 @@ class ChatFineTuning(Stage):
         if not held or not training_set:
             raise UserError(f"{len(training_set) + len(held)} conversation(s) split into {len(training_set)} for "
                             f"training and {len(held)} held out (val_fraction {config.val_fraction}): both need some")
-        train, val = (pack([render(loaded, c.messages, c.tools) for c in part], seq_len + 1, pad_id(loaded))
-                      for part in (training_set, held))
-        stage = cls(loaded, train, val, list(config.data) or [EMBEDDED])
+        rendered = [[render(loaded, c.messages, c.tools) for c in part] for part in (training_set, held)]
+        seq_len, why = row_length(config, context, rendered[0] + rendered[1])
+        train, val = (pack(part, seq_len + 1, pad_id(loaded)) for part in rendered)
+        stage = cls(loaded, train, val, list(config.data) or [EMBEDDED], f"rows of {seq_len + 1:,} tokens: {why}")
         if not stage.train.conversations or not stage.val.conversations:
             raise UserError(f"every {'training' if not stage.train.conversations else 'held-out'} conversation "
                             f"is longer than seq_len + 1 = {seq_len + 1} tokens: raise seq_len")
@@ -93,7 +102,7 @@ class ChatFineTuning(Stage):
 
     @property
     def summary(self) -> dict[str, Any]:
-        return {"sources": self.sources, "row_tokens": self.train.rows.shape[1],
+        return {"sources": self.sources, "row_tokens": self.train.rows.shape[1], "choices": self.choices,
                 **{f"{name}_{key}": value for name, packed in (("train", self.train), ("val", self.val))
                    for key, value in (("conversations", packed.conversations), ("rows", len(packed.rows)),
                                       ("learned_tokens", int(packed.learned.sum())),
@@ -103,11 +112,35 @@ class ChatFineTuning(Stage):
     def scored_on(self) -> str:
         return f"held-out conversations, the replies' tokens, rows of {self.val.rows.shape[1]}"
 
+    @property
+    def choices(self) -> list[str]:
+        return [self.rows]
+
     def describe(self) -> str:
         dropped = self.train.too_long + self.val.too_long
         return (f"conversations from {', '.join(self.sources)}: {self.train.conversations:,} training "
                 f"in {len(self.train.rows):,} rows of {self.train.rows.shape[1]} tokens, "
                 f"{self.val.conversations:,} held out; {dropped:,} longer than a row dropped")
+
+
+def row_length(config: TrainConfig, context: int, rendered: list[Rendered]) -> tuple[int, str]:
+    """The row's seq_len (a row holds seq_len + 1 tokens) and why: config.seq_len; for the embedded
+    set EMBEDDED_SEQ_LEN; else the longest conversation rounded up to SEQ_LEN_MULTIPLE, within
+    `longest_sequence` (longer conversations are then dropped)."""
+    if config.seq_len:
+        return config.seq_len, f"seq_len {config.seq_len:,} as set"
+    longest, bound = longest_sequence(config, context)
+    if not config.data:
+        if EMBEDDED_SEQ_LEN <= longest:
+            return EMBEDDED_SEQ_LEN, "the embedded set's rows"
+        return longest, f"the embedded set's rows, shortened to {bound}"
+    tokens = max(len(conversation.ids) for conversation in rendered)
+    wanted = -(-(tokens - 1) // SEQ_LEN_MULTIPLE) * SEQ_LEN_MULTIPLE  # a conversation of n tokens predicts n - 1
+    why = f"the longest conversation is {tokens:,} tokens"
+    if wanted <= longest:
+        return wanted, f"{why}, rounded up to a multiple of {SEQ_LEN_MULTIPLE}"
+    dropped = sum(len(conversation.ids) > longest + 1 for conversation in rendered)
+    return longest, f"{why}; {bound}, so {dropped:,} longer conversation(s) are dropped"
 
 
 def split_conversations(sources: list[str], val_fraction: float) -> tuple[list[Conversation], list[Conversation]]:
