@@ -1,7 +1,8 @@
 """Training defaults that fit the data and the checkpoint: with seq_len 0 chat fine-tuning packs rows
 as long as its longest conversation (rounded up to 64), continued pretraining takes windows of at
 most 2,048 tokens from a long-context checkpoint and no longer than a small corpus's splits hold,
-one text file is split leak-free, and every choice is printed with the plan and recorded."""
+one text file is split leak-free, every choice is printed with the plan and recorded, and the
+samples continue the user's own held-out data."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from test_sft import arithmetic
 
 from qwen3 import cli
 from qwen3.config import ModelConfig, TrainConfig
-from qwen3.data.conversations import Rendered, read_conversations, render
+from qwen3.data.conversations import Rendered, held_out, read_conversations, render
 from qwen3.data.sources import kjv_books
 from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
 from qwen3.model.checkpoint import save_model
@@ -67,6 +68,9 @@ def test_sft_rows_fit_the_longest_conversation_and_the_run_says_so(long_context,
     run, events = run_files(out)
     assert run["train"]["seq_len"] == run["seq_len"] == 64 and run["data"]["row_tokens"] == 65
     assert run["data"]["train_dropped_too_long"] == run["data"]["val_dropped_too_long"] == 0
+    # The samples continue the first user turns of held-out conversations.
+    held = [c.messages[0]["content"] for c in conversations if held_out(c, 0.1)][:3]
+    assert [row["prompt"] for row in events[-1]["samples"]] == held
     # `qwen3 eval` packs the held-out rows the run chose, so it scores what training scored.
     result, info = evaluate_checkpoint(out / "last")
     assert info["seq_len"] == 64
@@ -108,9 +112,9 @@ def test_continued_pretraining_on_one_text_file_holds_out_its_tail_in_windows_it
     notes = poem(tmp_path / "notes.txt", lines=700)
     out = tmp_path / "run"
     cli.main(["train", "--init-from", str(long_context), "--data", str(notes), "--out", str(out), "--max-steps", "2",
-              "--set", f"cache_dir={tmp_path / 'cache'}", *QUICK])
+              "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "sample_interval=1", *QUICK])
     plan = plan_lines(capsys.readouterr().err)
-    run, _ = run_files(out)
+    run, events = run_files(out)
     held = run["data"]["val_tokens"]
     window = (held - 1) // 64 * 64
     assert 64 <= window < 2048 and run["train"]["seq_len"] == window
@@ -118,6 +122,11 @@ def test_continued_pretraining_on_one_text_file_holds_out_its_tail_in_windows_it
         f"windows of {window:,} tokens: the longest multiple of 64 that a window of both splits fits in (the "
         f"shorter holds {held:,} tokens; the checkpoint's context of 40,960 capped at 2,048)",
         "the last 10% of the text held out: 1 document of 1 paragraph, too few to split by document or paragraph"]
+    # The samples continue the first three lines of the held-out tail (five words each).
+    lines = notes.read_text().splitlines()
+    openings = [" ".join(line.split()[:5]) for line in lines[int(0.85 * len(lines)):]]
+    prompts = [row["prompt"] for row in events[-1]["samples"]]
+    assert any(openings[index:index + 3] == prompts for index in range(len(openings))), prompts
 
 
 def test_pretraining_from_scratch_on_one_file_keeps_the_models_context(tmp_path, capsys):

@@ -7,7 +7,8 @@ evaluation scores every token of the validation split once (train/metrics.py).
 
 The window is config.seq_len, else the model's context (capped for a run from a long-context
 checkpoint: `longest_sequence`), shortened to a multiple of SEQ_LEN_MULTIPLE when a split of a
-small corpus holds less, so that one text file trains as it is.
+small corpus holds less, so that one text file trains as it is. The samples continue openings of
+held-out documents, or the embedded corpus's fixed openings when that is what the run reads.
 """
 
 from __future__ import annotations
@@ -15,17 +16,22 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import numpy as np
 import torch
 
 from qwen3.config import SEQ_LEN_MULTIPLE, TrainConfig
 from qwen3.data.kjv import OPENINGS
+from qwen3.data.sources import BUILTIN_KJV
 from qwen3.data.store import PreparedData, prepare
 from qwen3.data.windows import RandomWindows
 from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.runtime import Distributed
 from qwen3.train.metrics import EvalResult, score_tokens
 from qwen3.train.parallel import BatchLayout
+from qwen3.train.samples import SAMPLE_PROMPTS, openings
 from qwen3.train.stages.base import Stage, longest_sequence
+
+OPENING_TOKENS = 256  # of a held-out document, decoded for its sample prompts
 
 
 class Pretraining(Stage):
@@ -68,7 +74,15 @@ class Pretraining(Stage):
                             autocast, rank, world_size)
 
     def sample_prompts(self) -> list[str]:
-        return list(OPENINGS)
+        """The embedded corpus's openings when the run reads it alone, else openings of the first
+        held-out documents."""
+        if all(source == BUILTIN_KJV for source in self.data.sources):
+            return list(OPENINGS)
+        tokens = self.data.val_tokens
+        ends = np.flatnonzero(np.asarray(tokens) == self.tokenizer.eos_token_id)[:SAMPLE_PROMPTS]
+        starts = [0, *(ends[:-1] + 1)]
+        return openings([self.tokenizer.decode(np.asarray(tokens[start:min(end, start + OPENING_TOKENS)]).tolist())
+                         for start, end in zip(starts, ends)])
 
     @property
     def eval_tokens(self) -> int:

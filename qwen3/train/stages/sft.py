@@ -12,7 +12,8 @@ assistant-token loss, accuracy, perplexity, and bits per byte of the reply text.
 The row length is config.seq_len, else chosen (`row_length`): the longest conversation rounded up
 to a multiple of SEQ_LEN_MULTIPLE, at most the model's context or SEQ_LEN_CAP (`longest_sequence`);
 a conversation longer than the row is dropped and counted. The embedded set keeps rows of
-EMBEDDED_SEQ_LEN + 1, those its measurements were made with.
+EMBEDDED_SEQ_LEN + 1, those its measurements were made with. The samples continue the first user
+turns of held-out conversations (the embedded set's fixed questions for the embedded set).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.runtime import Distributed
 from qwen3.train.metrics import EvalResult, score_packed
 from qwen3.train.parallel import BatchLayout
+from qwen3.train.samples import SAMPLE_PROMPTS
 from qwen3.train.stages.base import Stage, longest_sequence
 
 EMBEDDED = "builtin:kjv-chat"
@@ -53,13 +55,15 @@ class ChatFineTuning(Stage):
     name = "sft"
     chat = True
 
-    def __init__(self, tokenizer: Tokenizer, train: Packed, val: Packed, sources: list[str], rows: str) -> None:
+    def __init__(self, tokenizer: Tokenizer, train: Packed, val: Packed, sources: list[str], rows: str,
+                 prompts: list[str]) -> None:
         self.tokenizer = tokenizer
         self.train = train
         self.val = val
         self.sources = sources
         self.seq_len = train.rows.shape[1] - 1
         self.rows = rows  # the row length and why
+        self.prompts = prompts
 
     @classmethod
     def prepare(cls, config: TrainConfig, tokenizer: str, context: int, progress: bool = False,
@@ -76,7 +80,9 @@ class ChatFineTuning(Stage):
         rendered = [[render(loaded, c.messages, c.tools) for c in part] for part in (training_set, held)]
         seq_len, why = row_length(config, context, rendered[0] + rendered[1])
         train, val = (pack(part, seq_len + 1, pad_id(loaded)) for part in rendered)
-        stage = cls(loaded, train, val, list(config.data) or [EMBEDDED], f"rows of {seq_len + 1:,} tokens: {why}")
+        prompts = list(CHAT_PROMPTS) if not config.data else first_user_turns(held)
+        stage = cls(loaded, train, val, list(config.data) or [EMBEDDED], f"rows of {seq_len + 1:,} tokens: {why}",
+                    prompts)
         if not stage.train.conversations or not stage.val.conversations:
             raise UserError(f"every {'training' if not stage.train.conversations else 'held-out'} conversation "
                             f"is longer than seq_len + 1 = {seq_len + 1} tokens: raise seq_len")
@@ -92,7 +98,7 @@ class ChatFineTuning(Stage):
         return score_packed(model, self.val, batch_size, device, autocast, rank, world_size)
 
     def sample_prompts(self) -> list[str]:
-        return list(CHAT_PROMPTS)
+        return list(self.prompts)
 
     @property
     def eval_tokens(self) -> int:
@@ -141,6 +147,12 @@ def row_length(config: TrainConfig, context: int, rendered: list[Rendered]) -> t
         return wanted, f"{why}, rounded up to a multiple of {SEQ_LEN_MULTIPLE}"
     dropped = sum(len(conversation.ids) > longest + 1 for conversation in rendered)
     return longest, f"{why}; {bound}, so {dropped:,} longer conversation(s) are dropped"
+
+
+def first_user_turns(conversations: list[Conversation]) -> list[str]:
+    """The first user message of each of the first conversations that have one: sample prompts."""
+    turns = (next((m["content"] for m in c.messages if m["role"] == "user"), None) for c in conversations)
+    return [turn for turn in turns if turn is not None][:SAMPLE_PROMPTS]
 
 
 def split_conversations(sources: list[str], val_fraction: float) -> tuple[list[Conversation], list[Conversation]]:
