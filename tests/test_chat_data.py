@@ -93,7 +93,8 @@ QUESTION = {"role": "user", "content": "q"}
     ({"role": "assistant", "content": "<think>unfinished"}, r"message 2 \(assistant\) opens <think> without closing"),
     ({"role": "assistant", "content": "<think>a</think>b", "reasoning_content": "c"},
      r"message 2 \(assistant\) has both reasoning_content and a <think> block"),
-    ({"role": "assistant", "content": "<think>only this</think>"}, r"message 2 \(assistant\) is empty but for its reasoning"),
+    ({"role": "assistant", "content": "<think>only this</think>"},
+     r"message 2 \(assistant\) is empty but for its reasoning"),
     ({"role": "user", "content": [{"type": "text", "text": "hi"}]}, r"message 2 \(user\): the content is a list"),
 ])
 def test_malformed_reasoning_and_tool_messages_are_errors_that_say_where(message, error):

@@ -231,7 +231,8 @@ def _build_store(sources: list[Source], tokenizer: Tokenizer, directory: Path, v
     meta = {
         "format": STORE_FORMAT_VERSION, "dtype": np.dtype(dtype).name, "eos_token_id": eos[0],
         "sources": [source.spec for source in sources], "val_fraction": val_fraction,
-        "split": holdout.mode, "split_description": holdout.describe(counts["val"]["documents"], documents, val_fraction),
+        "split": holdout.mode,
+        "split_description": holdout.describe(counts["val"]["documents"], documents, val_fraction),
         "documents": documents,
         "tokens": counts["train"]["tokens"] + counts["val"]["tokens"],
         "bytes": counts["train"]["bytes"] + counts["val"]["bytes"],
