@@ -130,6 +130,16 @@ class ModelConfig:
         return cls(**values)
 
 
+# seq_len 0 leaves the length of a training sequence to the stage (train/stages/): pretraining from
+# scratch takes the model's context, as the presets set it; a run from a checkpoint whose context
+# is longer (a released Qwen3 has 40,960) takes at most SEQ_LEN_CAP, since a step's time and memory
+# grow with the length and short data gains nothing from it; chat fine-tuning takes its longest
+# conversation rounded up to a multiple of SEQ_LEN_MULTIPLE, within the same bounds. A chosen window
+# is shortened, in multiples of SEQ_LEN_MULTIPLE, to what a small corpus's splits hold. The run
+# prints each choice with its plan and records it as its seq_len.
+SEQ_LEN_CAP = 2048
+SEQ_LEN_MULTIPLE = 64
+
 # The Linear modules of a decoder layer, by their transformers names: where LoRA adapters can go.
 LORA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -148,7 +158,7 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_PROJECTIONS))
     tokenizer_vocab_size: int = 8192
     val_fraction: float = 0.1
-    seq_len: int = 0  # 0 means the model's max_position_embeddings
+    seq_len: int = 0  # tokens a training sequence predicts; 0: the stage chooses (SEQ_LEN_CAP above)
     cache_dir: str = ".cache/qwen3"
     # optimization
     batch_size: int = 8

@@ -12,7 +12,8 @@ import torch
 import qwen3.data.sources as sources
 from qwen3.cli import main
 from qwen3.data.sources import iter_pieces, kjv_books, parse_source
-from qwen3.data.store import is_validation, prepare
+from qwen3.data.split import is_validation
+from qwen3.data.store import prepare
 from qwen3.data.tokenizer import train_tokenizer
 from qwen3.data.windows import RandomWindows, eval_windows
 from qwen3.errors import UserError
@@ -102,7 +103,8 @@ def test_default_corpus_store_round_trips_and_splits_by_document(kjv, books) -> 
         "sources": ["builtin:kjv"], "documents": 66, "bytes": meta["bytes"], "tokens": meta["tokens"],
         "bytes_per_token": meta["bytes"] / (meta["tokens"] - 66), "train_documents": 59, "val_documents": 7,
         "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"],
-        "train_bytes": kjv.train_bytes, "val_bytes": kjv.val_bytes, "vocab_size": 512, "dtype": "uint16",
+        "train_bytes": kjv.train_bytes, "val_bytes": kjv.val_bytes, "split": "split by document: 7 of 66 held out",
+        "vocab_size": 512, "dtype": "uint16",
         "cache_dir": str(kjv.store_dir), "tokenizer_path": str(kjv.tokenizer_path),
         "reused": False, "tokenizer_trained": True}
     json.dumps(kjv.summary)
@@ -310,11 +312,47 @@ def test_corpus_shorter_than_one_window(tmp_path, tokenizer_dir) -> None:
     with pytest.raises(UserError, match=r"training split of .*0.txt, .*3.txt has \d+ tokens \(3 document\(s\)\), shorter than one window of 257"):
         prepare_small([tmp_path / f"{index}.txt" for index in range(4)], tmp_path / "cache", tokenizer_dir,
                       val_fraction=0.25, min_tokens=257)
-    single = tmp_path / "one.txt"
-    single.write_text(sentences(20))
-    with pytest.raises(UserError, match=r"validation split of .*one.txt is empty: 1 document.*doc=paragraph"):
-        prepare_small([single], tmp_path / "cache", tokenizer_dir)
-    assert prepare_small([f"{single}:doc=line"], tmp_path / "cache", tokenizer_dir).val_documents == 2
+
+
+def decoded_documents(data) -> tuple[list[str], list[str]]:
+    eos = data.tokenizer.eos_token_id
+    return tuple([data.tokenizer.decode(ids) for ids in split_documents(tokens, eos)]
+                 for tokens in (data.train_tokens, data.val_tokens))
+
+
+def test_one_text_file_of_paragraphs_is_split_by_paragraph(tmp_path, tokenizer_dir, capsys) -> None:
+    paragraphs = [sentences(3, seed=index).strip() for index in range(30)]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n\n".join(paragraphs))
+    data = prepare_small([notes], tmp_path / "cache", tokenizer_dir)
+    train, val = decoded_documents(data)
+    assert val == [p for index, p in enumerate(paragraphs) if is_validation(index, 0.1)] and len(val) == 3
+    assert train == [p for p in paragraphs if p not in val]
+    assert data.split == "split by paragraph: 1 document, too few to split by document; 3 of 30 paragraphs held out"
+    assert "notes.txt: split by paragraph" in capsys.readouterr().err  # the prepare line says how
+    # Given as one document per paragraph, the same file is split by document, in a store of its own.
+    by_option = prepare_small([f"{notes}:doc=paragraph"], tmp_path / "cache", tokenizer_dir)
+    assert decoded_documents(by_option) == (train, val) and by_option.split.startswith("split by document")
+    assert by_option.store_dir != data.store_dir
+
+
+def test_a_text_without_enough_paragraphs_holds_out_its_tail_cut_at_a_line_start(tmp_path, tokenizer_dir) -> None:
+    lines = sentences(200, seed=1).splitlines(keepends=True)
+    poems = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    poems[0].write_text("".join(lines[:40]))
+    poems[1].write_text("".join(lines[40:]))
+    data = prepare_small(poems, tmp_path / "cache", tokenizer_dir)
+    train, val = decoded_documents(data)
+    assert data.split == ("the last 10% of the text held out: 2 documents of 2 paragraphs, too few to split "
+                          "by document or paragraph")
+    # b.txt is cut into a training and a held-out document at the line start after 90 % of the text.
+    cut = next(index for index in range(len(lines)) if sum(map(len, lines[:index])) >= 0.9 * sum(map(len, lines)))
+    assert train == ["".join(lines[:40]), "".join(lines[40:cut])] and val == ["".join(lines[cut:])]
+    assert (data.train_documents, data.val_documents) == (2, 1)
+    assert data.val_bytes == len("".join(lines[cut:]).encode()) and 0.09 < data.val_bytes / data.bytes < 0.11
+    # A larger val_fraction moves the cut, in a store of its own.
+    more = prepare_small(poems, tmp_path / "cache", tokenizer_dir, val_fraction=0.05)
+    assert more.store_dir != data.store_dir and 0.04 < more.val_bytes / more.bytes < 0.06
 
 
 def test_datasets_extra_is_optional(tmp_path) -> None:

@@ -8,14 +8,16 @@ import pytest
 import torch
 from test_train import events, tiny, train_losses, write_corpus
 
-from qwen3.config import ModelConfig
+from qwen3.config import ModelConfig, TrainConfig
+from qwen3.data.kjv import OPENINGS
 from qwen3.data.tokenizer import train_tokenizer
 from qwen3.infer.engine import Engine
 from qwen3.infer.sampling import SamplingParams
 from qwen3.model.checkpoint import load_model
 from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.train.loop import train
-from qwen3.train.samples import SAMPLE_TOKENS, generate_samples
+from qwen3.train.samples import SAMPLE_TOKENS, generate_samples, openings
+from qwen3.train.stages.pretrain import Pretraining
 from qwen3.train.start import resume_configs
 
 PROMPTS = ["The king", "A child"]
@@ -104,3 +106,16 @@ def test_sft_samples_continue_the_prompt_as_a_user_turn_of_the_chat_template(mod
         greedy = SamplingParams(max_new_tokens=SAMPLE_TOKENS, temperature=0.0)
         assert row["greedy"] == engine.generate(turn, greedy).text
     model.train()
+
+
+def test_held_out_openings_take_each_texts_first_line_then_the_next_lines():
+    texts = ["First line of the first text\nits second line\n", "\n  Another text, one line only  \n", "x"]
+    assert openings(texts, count=4, words=3) == ["First line of", "Another text, one", "x", "its second line"]
+    assert openings(["same words\nsame words\nnew"], count=3) == ["same words", "new"]  # distinct prompts
+
+
+def test_pretraining_on_the_embedded_corpus_keeps_its_fixed_openings(tmp_path):
+    tokenizer = train_tokenizer(["In the beginning God created the heaven and the earth."] * 20, vocab_size=300)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    stage = Pretraining.prepare(TrainConfig(cache_dir=str(tmp_path / "cache")), str(tmp_path / "tokenizer"), 256)
+    assert stage.sample_prompts() == OPENINGS

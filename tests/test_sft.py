@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from qwen3 import cli
 from qwen3.config import ModelConfig, apply_overrides, preset
 from qwen3.data import kjv
-from qwen3.data.conversations import pack, read_conversations, render
+from qwen3.data.conversations import held_out, pack, read_conversations, render
 from qwen3.data.kjv import CHAT_PROMPTS
 from qwen3.data.sources import kjv_books
 from qwen3.data.tokenizer import IM_END, train_tokenizer
@@ -111,18 +111,18 @@ def write_formats(folder: Path) -> list[Path]:
 
 
 def test_every_format_loads_to_the_same_rendered_tokens(tokenizer, tmp_path):
-    rendered = {path.name: render(tokenizer, read_conversations(path)[0]) for path in write_formats(tmp_path)}
+    rendered = {path.name: render(tokenizer, read_conversations(path)[0].messages) for path in write_formats(tmp_path)}
     reference = render(tokenizer, CONVERSATION[:3])
     assert all(value == reference for value in rendered.values()), list(rendered)
     pair = tmp_path / "pair.jsonl"
     pair.write_text(json.dumps({"prompt": CONVERSATION[1]["content"], "completion": CONVERSATION[2]["content"]}))
-    assert render(tokenizer, read_conversations(pair)[0]) == render(tokenizer, CONVERSATION[1:3])
+    assert render(tokenizer, read_conversations(pair)[0].messages) == render(tokenizer, CONVERSATION[1:3])
 
 
 @pytest.mark.parametrize("line, message", [
     ('{"messages": [{"role": "user", "content": "hi"}', r"bad\.jsonl, line 2: invalid JSON"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', r"line 2: the conversation has no assistant turn"),
-    ('{"messages": [{"role": "tool", "content": "x"}]}', r"line 2: message 1 has the unknown role 'tool'"),
+    ('{"messages": [{"role": "function", "content": "x"}]}', r"line 2: message 1 has the unknown role 'function'"),
     ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]}',
      r"line 2: message 2 \(gpt\) is empty"),
     ('{"text": "plain"}', r"line 2: no conversation found \(fields: 'text'\)"),
@@ -174,6 +174,8 @@ def test_fine_tuning_on_the_embedded_set_lowers_the_reply_loss_and_teaches_the_m
     assert result.final_eval.loss == pytest.approx(result.best_val_loss)
     run = json.loads((out / "run.json").read_text())
     assert run["data"]["sources"] == ["builtin:kjv-chat"] and run["data"]["val_conversations"] > 0
+    samples = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"samples"' in line]
+    assert [row["prompt"] for row in samples[-1]["samples"]] == CHAT_PROMPTS  # the embedded set's own questions
 
 
 def test_an_interrupted_fine_tuning_resumed_ends_equal_to_an_uninterrupted_one(base, tmp_path):
@@ -246,9 +248,10 @@ def test_two_processes_under_torchrun_fine_tune_like_one(base, tmp_path):
         assert ours[step] == pytest.approx(theirs[step], abs=1e-5), step
     val = [e["val_loss"] for e in events if "val_loss" in e]
     assert val == [pytest.approx(single.best_val_loss, abs=1e-5)]
-    # Rank 0 alone sampled the stage's chat prompts at the last step; the others went on.
-    assert [(e["step"], [row["prompt"] for row in e["samples"]]) for e in events if "samples" in e] == [
-        (4, CHAT_PROMPTS)]
+    # Rank 0 alone sampled at the last step, the first user turns of held-out conversations; the others went on.
+    held = [c.messages[0]["content"] for c in read_conversations(data) if held_out(c, 0.1)][:3]
+    assert len(held) == 3
+    assert [(e["step"], [row["prompt"] for row in e["samples"]]) for e in events if "samples" in e] == [(4, held)]
 
 
 def test_lora_trains_only_the_adapters_and_the_merged_checkpoint_computes_the_peft_models_logits(base, tmp_path):

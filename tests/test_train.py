@@ -271,7 +271,7 @@ def cli_error(capsys, argv: list[str]) -> str:
     (["--set", "optimizer=sgd"], "optimizer must be 'muon' or 'adamw'"),
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--resume", "/nonexistent/run"], "/nonexistent/run: no such folder, nothing to resume"),
-    (["--set", "dtype=float16", "--set", "device=cpu"], "float16 needs a CUDA device"),
+    (["--set", "dtype=float16", "--set", "device=cpu"], "float16 trains on CUDA devices only"),
 ])
 def test_bad_configuration_is_a_one_line_error(capsys, shared, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

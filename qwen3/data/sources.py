@@ -5,14 +5,16 @@ A source is a .txt file, a folder, a .jsonl/.json file, a .parquet file, a Huggi
 colon, e.g. `notes/:glob=*.md,doc=paragraph` or `dump.jsonl:field=content` (see `parse_source`).
 Every reader yields (piece, ends_document) pairs: pieces hold about PIECE_BYTES and are cut where
 Qwen's pre-tokenizer splits anyway, so the token store can tokenize them one by one and memory
-stays bounded by a piece, not by the longest document. Bad input is a UserError naming the file
+stays bounded by a piece, not by the longest document. `split_documents` makes each paragraph
+or line of such a stream a document of its own: a text file's `doc=` option, and the split's
+fallback for a corpus of too few documents (split.py). Bad input is a UserError naming the file
 and line.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -166,7 +168,7 @@ def _source_pieces(source: Source) -> Iterator[tuple[str, bool]]:
     else:
         for path in source.files:
             if path.suffix.lower() not in RECORD_SUFFIXES:
-                yield from _text_file_pieces(path, source.doc_mode)
+                yield from split_documents(_text_file_pieces(path), source.doc_mode)
                 continue
             for text in _record_texts(path, source.field_name):
                 yield from _record_pieces(text)
@@ -215,8 +217,8 @@ def _character_boundary(block: bytes) -> int:
     return cut
 
 
-def _text_file_pieces(path: Path, doc_mode: str) -> Iterator[tuple[str, bool]]:
-    """A text file read in blocks: one document (doc=file), or one per paragraph or line."""
+def _text_file_pieces(path: Path) -> Iterator[tuple[str, bool]]:
+    """A text file read in blocks, as one document."""
     line = 1  # of the first byte of `carry`, for error messages
     carry = b""
     with open(path, "rb") as handle:
@@ -228,36 +230,37 @@ def _text_file_pieces(path: Path, doc_mode: str) -> Iterator[tuple[str, bool]]:
                     carry = block
                     continue
                 cut = _character_boundary(block)  # no newline for megabytes: cut anywhere
-            yield from _decoded_documents(path, block[:cut], line, doc_mode)
+            yield _decoded(path, block[:cut], line), False
             line += block.count(b"\n", 0, cut)
             carry = block[cut:]
-        yield from _decoded_documents(path, carry, line, doc_mode)
+        if carry:
+            yield _decoded(path, carry, line), False
     yield "", True
 
 
-def _decoded_documents(path: Path, chunk: bytes, line: int, doc_mode: str) -> Iterator[tuple[str, bool]]:
+def _decoded(path: Path, chunk: bytes, line: int) -> str:
     try:
-        text = chunk.decode("utf-8")
+        return chunk.decode("utf-8")
     except UnicodeDecodeError as error:
         bad_line = line + chunk.count(b"\n", 0, error.start)
         raise UserError(f"{path}, line {bad_line}: invalid UTF-8 ({error.reason}); "
                         "convert the file to UTF-8") from None
-    yield from _split_documents(text, doc_mode)
 
 
-def _split_documents(text: str, doc_mode: str) -> Iterator[tuple[str, bool]]:
-    """One block of a text file as pieces: never ending a document (doc=file), or a document per
-    paragraph (blank-line separated) or per line, the last one continuing into the next block."""
+def split_documents(pieces: Iterable[tuple[str, bool]], doc_mode: str) -> Iterator[tuple[str, bool]]:
+    """`pieces` with each paragraph (blank-line separated, doc=paragraph) or line (doc=line) made a
+    document of its own; doc=file leaves them as they are. A blank line cannot straddle two pieces:
+    they are cut just after a newline that a non-space character follows (`_safe_cut`)."""
     if doc_mode == "file":
-        if text:
-            yield text, False
+        yield from pieces
         return
     separator = r"\n\s*\n" if doc_mode == "paragraph" else r"\n"
-    parts = re.split(separator, text)
-    for part in parts[:-1]:
-        yield part, True
-    if parts[-1]:
-        yield parts[-1], False
+    for text, ends in pieces:
+        parts = re.split(separator, text)
+        for part in parts[:-1]:
+            yield part, True
+        if parts[-1] or ends:
+            yield parts[-1], ends
 
 
 def _record_texts(path: Path, field_name: str) -> Iterator[str]:

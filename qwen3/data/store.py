@@ -8,9 +8,13 @@ and two token arrays:
   appended to two flat binary files (train.bin, val.bin; uint16 while the vocabulary fits, else
   uint32) read back with np.memmap, so memory stays flat however large the corpus is;
 * the split is by document: document i goes to validation when it is one of the evenly spaced
-  round(n * val_fraction) documents, so no token of a validation document is ever trained on;
-* the store is cached under a key of the sources (path, size, mtime), the tokenizer's content, the
-  split and the format version, built in a temporary folder and renamed only when complete.
+  round(n * val_fraction) documents, so no token of a validation document is ever trained on. A
+  corpus of too few documents for that (one text file is one document) is split by paragraph when
+  it has enough of them, else its last val_fraction of text is held out, cut at a line start into
+  a training and a validation document (`choose_split`; meta.json records which, and says why);
+* the store is cached under a key of the sources (path, size, mtime), the tokenizer's content,
+  val_fraction and the format version, which fix the split too; it is built in a temporary folder
+  and renamed only when complete.
 
 Training and evaluation cut the arrays into windows (qwen3/data/windows.py).
 """
@@ -20,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import queue
 import sys
 import threading
@@ -35,11 +38,13 @@ from tqdm import tqdm
 from qwen3.allocator import release_freed_memory
 from qwen3.atomic import atomic_directory
 from qwen3.data.sources import BUILTIN_KJV, Source, iter_pieces, parse_source
+from qwen3.data.split import choose_split
 from qwen3.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from qwen3.errors import UserError, log
 
-# Bump when the store's layout or the way documents are read changes: old caches are then ignored.
-STORE_FORMAT_VERSION = 2
+# Bump when the store's layout or the way documents are read or split changes: old caches are then
+# ignored. 3: a corpus of too few documents is split by paragraph or its tail (`choose_split`).
+STORE_FORMAT_VERSION = 3
 TOKENIZER_FORMAT_VERSION = 4  # 3: the chat template with thinking and tool calls; 4: <think> in content
 # The tokenizer is trained on the first this-many bytes of text, so training it stays memory-flat
 # and bounded in time on a corpus of any size (more text changes the merges of a small vocabulary little).
@@ -62,6 +67,7 @@ class PreparedData:
     train_documents: int
     val_documents: int
     store_dir: Path
+    split: str                    # how validation was held out, and why (meta.json's split_description)
     sources: list[str]            # the --data arguments, as given
     reused: bool                  # the store came from the cache
     tokenizer_trained: bool       # the tokenizer was trained now (not given, not from the cache)
@@ -96,7 +102,7 @@ class PreparedData:
             "bytes_per_token": self.bytes_per_token,
             "train_documents": self.train_documents, "val_documents": self.val_documents,
             "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens),
-            "train_bytes": self.train_bytes, "val_bytes": self.val_bytes,
+            "train_bytes": self.train_bytes, "val_bytes": self.val_bytes, "split": self.split,
             "vocab_size": self.tokenizer.vocab_size, "dtype": self.train_tokens.dtype.name,
             "cache_dir": str(self.store_dir), "tokenizer_path": str(self.tokenizer_path),
             "reused": self.reused, "tokenizer_trained": self.tokenizer_trained,
@@ -142,6 +148,8 @@ def prepare(sources: list[str], tokenizer: str = "", vocab_size: int = 8192, val
     tokenizer_path = Path(tokenizer).resolve() if given_folder else store_dir / "tokenizer"
 
     meta = json.loads((store_dir / "meta.json").read_text())
+    if meta["split"] != "document":
+        log(f"{names}: {meta['split_description']}")
     dtype = np.dtype(meta["dtype"])
     train_tokens = _open_tokens(store_dir / "train.bin", dtype)
     val_tokens = _open_tokens(store_dir / "val.bin", dtype)
@@ -149,16 +157,14 @@ def prepare(sources: list[str], tokenizer: str = "", vocab_size: int = 8192, val
                                      ("validation", val_tokens, meta["val_documents"])):
         if len(tokens) == 0:
             raise UserError(
-                f"the {split} split of {names} is empty: {meta['documents']} document(s) with val_fraction "
-                f"{val_fraction} leave none for it; add documents, or cut the text into more of them "
-                f"with a source option such as FILE.txt:doc=paragraph")
+                f"the {split} split of {names} is empty ({meta['split_description']}); add text")
         if len(tokens) < min_tokens:
             raise UserError(
                 f"the {split} split of {names} has {len(tokens)} tokens ({documents} document(s)), "
                 f"shorter than one window of {min_tokens}; add text or use a shorter sequence length")
 
     return PreparedData(tok, tokenizer_path, train_tokens, val_tokens, meta["train_bytes"], meta["val_bytes"],
-                        meta["train_documents"], meta["val_documents"], store_dir,
+                        meta["train_documents"], meta["val_documents"], store_dir, meta["split_description"],
                         [source.spec for source in parsed], reused, tokenizer_trained)
 
 
@@ -196,13 +202,14 @@ def _build_store(sources: list[Source], tokenizer: Tokenizer, directory: Path, v
                  progress: bool) -> None:
     """Tokenize the sources into directory/{train,val}.bin and describe them in meta.json."""
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    holdout = choose_split(sources, val_fraction)
     eos = [tokenizer.eos_token_id]
     counts = {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in ("train", "val")}
     with (tqdm(desc="tokenizing", unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                disable=not progress, mininterval=0.5) as bar,
           open(directory / "train.bin", "wb") as train_file, open(directory / "val.bin", "wb") as val_file):
         files = {"train": train_file, "val": val_file}
-        for batch in _prefetch(_batches(iter_pieces(sources), val_fraction)):
+        for batch in _prefetch(_batches(holdout.assign(sources, val_fraction))):
             encoded = tokenizer.encode_batch([text for text, _, _ in batch])
             lists: dict[str, list[list[int]]] = {"train": [], "val": []}
             for (text, split, ends), ids in zip(batch, encoded):
@@ -224,6 +231,8 @@ def _build_store(sources: list[Source], tokenizer: Tokenizer, directory: Path, v
     meta = {
         "format": STORE_FORMAT_VERSION, "dtype": np.dtype(dtype).name, "eos_token_id": eos[0],
         "sources": [source.spec for source in sources], "val_fraction": val_fraction,
+        "split": holdout.mode,
+        "split_description": holdout.describe(counts["val"]["documents"], documents, val_fraction),
         "documents": documents,
         "tokens": counts["train"]["tokens"] + counts["val"]["tokens"],
         "bytes": counts["train"]["bytes"] + counts["val"]["bytes"],
@@ -233,44 +242,18 @@ def _build_store(sources: list[Source], tokenizer: Tokenizer, directory: Path, v
     (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def _batches(pieces: Iterable[tuple[str, bool]], val_fraction: float
-             ) -> Iterator[list[tuple[str, str, bool]]]:
-    """Group pieces into batches of about BATCH_BYTES as (text, split, ends_document).
-
-    Blank documents are dropped (leading blank pieces of a document too), so document numbers,
-    and with them the split, count only documents with text.
-    """
+def _batches(pieces: Iterable[tuple[str, str, bool]]) -> Iterator[list[tuple[str, str, bool]]]:
+    """Group (text, split, ends_document) pieces into batches of about BATCH_BYTES."""
     batch: list[tuple[str, str, bool]] = []
     size = 0
-    index = 0        # of the next document with text
-    started = False  # whether the current document has had text yet
-    split = "train"
-    for text, ends in pieces:
-        if not started:
-            if text.isspace() or not text:
-                continue
-            started = True
-            split = "val" if is_validation(index, val_fraction) else "train"
-            index += 1
-        batch.append((text, split, ends))
-        size += len(text)
-        started = not ends
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
         if size >= BATCH_BYTES:
             yield batch
             batch, size = [], 0
     if batch:
         yield batch
-
-
-def is_validation(index: int, val_fraction: float) -> bool:
-    """Whether document `index` is in the validation split.
-
-    The validation documents are evenly spaced: after any n documents exactly round(n * val_fraction)
-    of them are validation ones. That is deterministic, exact for small corpora (66 books give 7),
-    needs no count up front (the store streams), and puts a validation document in any corpus of at
-    least 1 / (2 * val_fraction) documents.
-    """
-    return math.floor((index + 1) * val_fraction + 0.5) > math.floor(index * val_fraction + 0.5)
 
 
 def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:

@@ -26,6 +26,7 @@ to keep freed memory (`tune_malloc`), which removes most of the page faults of a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import threading
@@ -74,11 +75,11 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
     the model instead of `init_from` or a fresh initialization; a resumed run still loads last/."""
     processes = init_distributed(config.device)
     autocast_dtype = resolve_dtype(config.dtype, processes.device)
-    seq_len = config.seq_len or model_config.max_position_embeddings
-    if seq_len > model_config.max_position_embeddings:
-        raise UserError(f"seq_len {seq_len} is longer than the model's context "
-                        f"(max_position_embeddings {model_config.max_position_embeddings})")
-    layout = batch_layout(config.batch_size, config.grad_accum, seq_len, processes.world_size)
+    context = model_config.max_position_embeddings
+    if config.seq_len > context:
+        raise UserError(f"seq_len {config.seq_len} is longer than the model's context "
+                        f"(max_position_embeddings {context})")
+    shares = batch_layout(config.batch_size, config.grad_accum, config.seq_len, processes.world_size)
     stage_type = stage_class(config.stage)
     tune_malloc()
     out = Path(config.out_dir)
@@ -92,10 +93,13 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
     def prepare_data() -> Any:
         if saved is None:
             refuse_unfinished(out)
-        return stage_type.prepare(config, source.tokenizer(config), seq_len, progress=processes.is_main)
+        return stage_type.prepare(config, source.tokenizer(config), context, progress=processes.is_main)
 
     # Rank 0 tokenizes, then the others find the cache; a user error stops every rank.
     stage = rank_zero_first(prepare_data, processes)
+    # The length the stage chose (seq_len 0) is the run's: run.json, `qwen3 eval` and a resume read it.
+    config = dataclasses.replace(config, seq_len=stage.seq_len)
+    layout = dataclasses.replace(shares, seq_len=stage.seq_len)
     seed_everything(config.seed)
     model = source.build(model_config, stage.tokenizer, processes.device)
     if config.lora_rank:
@@ -141,7 +145,7 @@ def run(state: TrainState, should_stop: Callable[[int], bool] | None = None) -> 
     stop = threading.Event()
     final: EvalResult | None = None
     plan = RunPlan(state.step + 1, config.max_steps, state.layout.tokens_per_step, config.eval_interval,
-                   state.stage.eval_tokens)
+                   state.stage.eval_tokens, choices=state.stage.choices)
     announce(state, plan)
     # Into a file or a pipe (a log, CI) the bar is redrawn every 30 s rather than every step.
     bar = tqdm(total=config.max_steps, initial=state.step, unit="step", file=sys.stderr,
@@ -230,7 +234,7 @@ def stop_requested(state: TrainState, stop: threading.Event, should_stop: Callab
 
 
 def announce(state: TrainState, plan: RunPlan) -> None:
-    """The run's first lines: what is trained where, and its plan."""
+    """The run's first lines: what is trained where, and its plan with what the stage chose."""
     world, autocast = state.processes.world_size, str(state.autocast_dtype).removeprefix("torch.")
     log(f"training {state.model.num_parameters():,} parameters on {state.device} ({world} "
         f"process{'es' if world > 1 else ''}, autocast {autocast}), {state.layout.tokens_per_step:,} "

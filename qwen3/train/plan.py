@@ -1,7 +1,8 @@
 """What a training run will do and how long it will take, said before it has gone far.
 
 The plan is what the configuration fixes: steps, training tokens, evaluations, and the FLOPs of a
-training token (`flops_per_token`, what MFU is measured with). The estimate comes
+training token (`flops_per_token`, what MFU is measured with); below it, a line for each choice the
+stage made from its data (the sequence length, the split: `Stage.choices`). The estimate comes
 from timing a few steps: the first step of the process is left out (it pays for allocations, and
 under torch.compile for compiling), then steps are timed until three are or thirty seconds have
 passed, whichever comes first: a tiny or seed-sized model is timed over three steps (one step
@@ -23,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -61,6 +62,7 @@ class RunPlan:
     timed_steps: int = 0
     timed_seconds: float = 0.0
     timed_until: int | None = None  # the step whose timing completed the measurement
+    choices: list[str] = field(default_factory=list)  # what the stage chose, and why, a line each
 
     @property
     def steps(self) -> int:
@@ -75,7 +77,8 @@ class RunPlan:
     def describe(self) -> str:
         return (f"plan: {self.steps:,} steps x {self.tokens_per_step:,} tokens = "
                 f"{self.steps * self.tokens_per_step:,} training tokens, "
-                f"{evaluations(self.evaluations_after(self.first_step - 1))} of {self.eval_tokens:,} tokens")
+                f"{evaluations(self.evaluations_after(self.first_step - 1))} of {self.eval_tokens:,} tokens"
+                + "".join(f"\n  {choice}" for choice in self.choices))
 
     @contextlib.contextmanager
     def timing(self, step: int, device: torch.device) -> Iterator[None]:

@@ -2,7 +2,9 @@
 progress output shows what it has learned so far.
 
 At every evaluation step that is a multiple of `sample_interval` (and at the last step), each of
-`sample_prompts` (empty: the stage's own, `Stage.sample_prompts`) is continued for SAMPLE_TOKENS
+`sample_prompts` (empty: the stage's own, `Stage.sample_prompts`: SAMPLE_PROMPTS openings of the
+user's held-out documents, `openings`, or first user turns of held-out conversations; fixed ones
+for the embedded data) is continued for SAMPLE_TOKENS
 tokens twice: greedily, and sampled with the demo's settings (`DEMO_PARAMS`) from a generator
 seeded with the run's `seed` plus the prompt's index. Two runs of one configuration so show the
 same text, and the samples of two steps differ only by what the model learned in between. They
@@ -32,11 +34,29 @@ from qwen3.infer.sampling import DEMO_PARAMS, SamplingParams
 from qwen3.model.decoder import Qwen3ForCausalLM
 
 SAMPLE_TOKENS = 32  # new tokens per sample: a line of text, a few milliseconds a token
+SAMPLE_PROMPTS = 3  # prompts a stage takes from its held-out data
+OPENING_WORDS = 5   # words of a held-out line that make its prompt
 
 
 def sample_due(step: int, sample_interval: int, max_steps: int) -> bool:
     """Whether the evaluation at `step` shows samples."""
     return sample_interval > 0 and (step % sample_interval == 0 or step == max_steps)
+
+
+def openings(texts: list[str], count: int = SAMPLE_PROMPTS, words: int = OPENING_WORDS) -> list[str]:
+    """Up to `count` distinct prompts from the starts of held-out texts: the first `words` words of
+    each text's first line with words, then of their second lines, and so on (so one long held-out
+    text still gives several)."""
+    lines = [[line.split()[:words] for line in text.splitlines() if line.split()] for text in texts]
+    prompts: list[str] = []
+    for depth in range(max(map(len, lines), default=0)):
+        for text_lines in lines:
+            prompt = " ".join(text_lines[depth]) if depth < len(text_lines) else ""
+            if prompt and prompt not in prompts:
+                prompts.append(prompt)
+            if len(prompts) == count:
+                return prompts
+    return prompts
 
 
 def generate_samples(model: Qwen3ForCausalLM, tokenizer: Tokenizer, prompts: list[str], seed: int,

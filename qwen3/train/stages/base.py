@@ -2,8 +2,10 @@
 
 The loop (train/loop.py) is the same for every stage; a stage is what differs. It prepares its
 data from the run's config (reads, tokenizes and splits it into training and held-out parts),
-hands the loop an endless stream of micro-batches, scores a model on its held-out part, names the
-prompts its samples continue, and describes itself for run.json, the plan and `qwen3 eval`.
+chooses the sequence length when the config leaves it open (seq_len 0: `longest_sequence` bounds
+it) and says why, hands the loop an endless stream of micro-batches, scores a model on its held-out
+part, names the prompts its samples continue (from the held-out part when it is the user's), and
+describes itself for run.json, the plan and `qwen3 eval`.
 Pretraining (text windows, pretrain.py) and chat fine-tuning (conversations with a loss mask on
 the replies, sft.py) implement it; the registry in __init__.py is the one place that knows them.
 """
@@ -16,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from qwen3.config import TrainConfig
+from qwen3.config import SEQ_LEN_CAP, TrainConfig
 from qwen3.data.tokenizer import Tokenizer
 from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.runtime import Distributed
@@ -40,14 +42,16 @@ class Stage(ABC):
     name: ClassVar[str]   # TrainConfig.stage
     chat: ClassVar[bool]  # its sample prompts are user turns of the chat template, not text to continue
     tokenizer: Tokenizer  # what the data was tokenized with: the model's
+    seq_len: int          # tokens a training sequence predicts: config.seq_len, or the stage's choice
 
     @classmethod
     @abstractmethod
-    def prepare(cls, config: TrainConfig, tokenizer: str, seq_len: int, progress: bool = False,
+    def prepare(cls, config: TrainConfig, tokenizer: str, context: int, progress: bool = False,
                 training: bool = True) -> Stage:
         """The stage's training and held-out data from `config` (its data sources and split).
-        `tokenizer` is a tokenizer.json or model folder, or "" to train one on the data; `seq_len`
-        the window (or row) length; `progress` shows progress bars. `training` False prepares for
+        `tokenizer` is a tokenizer.json or model folder, or "" to train one on the data; `context`
+        the model's (max_position_embeddings), which bounds the sequence length the stage chooses
+        when config.seq_len is 0; `progress` shows progress bars. `training` False prepares for
         scoring the held-out part alone (`qwen3 eval`), which then needs no whole training window."""
 
     @abstractmethod
@@ -77,3 +81,17 @@ class Stage(ABC):
     @abstractmethod
     def scored_on(self) -> str:
         """What `evaluate` scores, in words (`qwen3 eval` prints it)."""
+
+    @property
+    @abstractmethod
+    def choices(self) -> list[str]:
+        """What the stage chose from its data (the sequence length, the split), each in one line
+        that says why: the run prints them with its plan."""
+
+
+def longest_sequence(config: TrainConfig, context: int) -> tuple[int, str]:
+    """The longest training sequence a stage chooses by itself, and why: the model's context, or
+    SEQ_LEN_CAP for a run from a checkpoint whose context is longer (qwen3/config.py)."""
+    if config.init_from and context > SEQ_LEN_CAP:
+        return SEQ_LEN_CAP, f"the checkpoint's context of {context:,} capped at {SEQ_LEN_CAP:,}"
+    return context, f"the model's context of {context:,}"
