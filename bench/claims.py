@@ -454,7 +454,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(train=train, seeds=tuple(args.seeds))
     command = "python bench/claims.py " + " ".join(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
-    data = Pretraining.prepare(train, train.tokenizer, train.seq_len, progress=True).data  # what each run reads
+    data = Pretraining.prepare(train, train.tokenizer, settings.model.max_position_embeddings,
+                               progress=True).data  # what each run reads
     run_claims(claims, Runs(settings, data), args.json, command.strip(), malloc_tuned)
     print(f"done in {time.perf_counter() - start:.0f} s; results in {args.json}; "
           f"figures: python bench/claims_plot.py --json {args.json}", file=sys.stderr)

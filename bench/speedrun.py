@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.jobs > 1:  # seeds side by side, each in a process of its own, from a token store built once
         for name, overrides in recipes.values():
             model_config, train_config = recipe(name, overrides, args.data, 0, Path("unused"))
-            seq_len = train_config.seq_len or model_config.max_position_embeddings
-            Pretraining.prepare(train_config, train_config.tokenizer, seq_len, progress=True)
+            Pretraining.prepare(train_config, train_config.tokenizer, model_config.max_position_embeddings,
+                                progress=True)
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                                                     initializer=torch.set_num_threads,
                                                     initargs=(torch.get_num_threads(),)) as pool:

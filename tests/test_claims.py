@@ -48,7 +48,8 @@ def tiny(tmp_path_factory):
         norm_shapes=((16, 32),), timing_repeats=2, decode_kv_heads=(1, 4), decode_batches=(1, 2),
         decode=dataclasses.replace(TINY_MODEL, num_key_value_heads=4, max_position_embeddings=10),
         decode_context=8, decode_steps=2)
-    return settings, Pretraining.prepare(train, train.tokenizer, train.seq_len).data, folder
+    data = Pretraining.prepare(train, train.tokenizer, settings.model.max_position_embeddings).data
+    return settings, data, folder
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,6 @@ def evaluate_checkpoint(path: str | Path, sources: list[str] | None = None,
     stage_type = stage_class(run.stage)
     resolved = resolve_device(device)
     model = load_model(folder, device=resolved)
-    seq_len = run.seq_len or model.config.max_position_embeddings
     vocab_size = load_tokenizer(folder).vocab_size
     if vocab_size > model.config.vocab_size:
         raise UserError(f"{folder}: the tokenizer has {vocab_size} tokens but the model only "
@@ -57,8 +56,9 @@ def evaluate_checkpoint(path: str | Path, sources: list[str] | None = None,
     except UserError:
         dtype = resolve_dtype("auto", resolved)
     data = replace(run, data=sources if sources is not None else run.data)
-    stage = stage_type.prepare(data, str(folder), seq_len, progress=True, training=False)
+    stage = stage_type.prepare(data, str(folder), model.config.max_position_embeddings, progress=True,
+                               training=False)
     result = stage.evaluate(model, run.batch_size, resolved, autocast_for(resolved, dtype))
     info = {"checkpoint": str(folder), "sources": stage.summary["sources"], "split": stage.scored_on,
-            "seq_len": seq_len, "device": str(resolved), "autocast_dtype": str(dtype).removeprefix("torch.")}
+            "seq_len": stage.seq_len, "device": str(resolved), "autocast_dtype": str(dtype).removeprefix("torch.")}
     return result, info
