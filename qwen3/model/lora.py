@@ -11,12 +11,15 @@ A checkpoint stores the merged weights, W + (alpha / r) B A, under the plain nam
 (`plain_state_dict`), so every folder stays one that transformers, chat, serve and eval load as
 it is; `adapter_state_dict` / `load_adapter_state` are the adapters alone, which a resume
 restores on top of the frozen base it started from, and `save_adapter` writes them beside the
-checkpoint in peft's own format (adapter_config.json + adapter_model.safetensors).
+checkpoint in peft's own format (adapter_config.json + adapter_model.safetensors). `adapters_off`
+computes with the frozen base alone: the reference that RL's KL term and DPO compare with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -88,3 +91,17 @@ def save_adapter(model: nn.Module, folder: Path) -> None:
     tensors = {f"base_model.model.{name.replace(f'.{ADAPTER}.', '.')}": tensor.contiguous()
                for name, tensor in adapter_state_dict(model).items()}
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Within the block the model computes as its frozen base (every adapter disabled): the
+    starting model that reinforcement learning's KL term and DPO's reference compare with."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)

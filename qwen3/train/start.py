@@ -5,13 +5,16 @@ own last/ checkpoint (`--resume`).
 the weights (and tokenizer) of a checkpoint folder. A resumed run continues with the configs it
 saved (overrides may extend it, e.g. a larger max_steps, but not change the model's shape) in its
 own folder: `resume_configs` reads them, the loop then reads the rest of trainer_state.pt once.
+`StartingModel` is the model a run started from, for the stages that compare the policy with it.
 `resume_configs` and `unfinished_run` only look at the configs or the step and map the file's
 tensors instead of reading them, which costs nothing whatever the model's size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from qwen3.errors import UserError
 from qwen3.model.checkpoint import (TRAINER_STATE_NAME, CheckpointError, find_checkpoint, last_checkpoint, load_config,
                                     load_model, load_trainer_state, resume_state)
 from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.model.lora import adapters_off, lora_layers
 
 
 @dataclass(frozen=True)
@@ -92,3 +96,27 @@ def refuse_unfinished(out_dir: Path) -> None:
     if unfinished := unfinished_run(out_dir):
         raise UserError(f"{out_dir} holds an unfinished run (step {unfinished[0]} of {unfinished[1]}): "
                         f"continue it with --resume {out_dir}, or choose another --out")
+
+
+class StartingModel:
+    """The model a run started from, to compare the policy with (RL's KL term, DPO's reference):
+    under LoRA the model itself with its adapters off; while no step has changed it (`unchanged`),
+    the model itself; else a frozen copy of `init_from`, loaded once. `with starting() as model:`."""
+
+    def __init__(self, model: Qwen3ForCausalLM, init_from: str, unchanged: bool = False) -> None:
+        self.model = model
+        self.lora = bool(lora_layers(model))
+        self.copy: Qwen3ForCausalLM | None = None
+        if not self.lora and not unchanged:
+            weight = model.model.embed_tokens.weight
+            self.copy = load_model(init_from, device=weight.device, dtype=weight.dtype).requires_grad_(False)
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[Qwen3ForCausalLM]:
+        if self.copy is not None:
+            yield self.copy
+        elif self.lora:
+            with adapters_off(self.model):
+                yield self.model
+        else:
+            yield self.model
