@@ -45,17 +45,15 @@ from qwen3.config import ModelConfig, TrainConfig
 from qwen3.errors import UserError, log
 from qwen3.model.checkpoint import resume_state, save_model
 from qwen3.model.lora import add_lora
-from qwen3.model.loss import CausalLMLoss
 from qwen3.runtime import (autocast_for, graceful_stop, init_distributed, peak_flops, rank_zero_first, resolve_dtype,
                            seed_everything, teardown_distributed)
-from qwen3.train.metrics import EvalResult
 from qwen3.train.muon import build_optimizers
 from qwen3.train.parallel import batch_layout, loss_divisor, wrap_step_model
 from qwen3.train.plan import RunPlan, flops_per_token
 from qwen3.train.runfiles import RunFiles
 from qwen3.train.samples import format_samples, generate_samples, sample_due
 from qwen3.train.schedule import apply_schedule
-from qwen3.train.stages import stage_class
+from qwen3.train.stages import Score, stage_class
 from qwen3.train.start import ModelSource, refuse_unfinished
 from qwen3.train.state import Pending, TrainResult, TrainState
 
@@ -99,7 +97,7 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
     stage = rank_zero_first(prepare_data, processes)
     # The length the stage chose (seq_len 0) is the run's: run.json, `qwen3 eval` and a resume read it.
     config = dataclasses.replace(config, seq_len=stage.seq_len)
-    layout = dataclasses.replace(shares, seq_len=stage.seq_len)
+    layout = dataclasses.replace(shares, seq_len=stage.seq_len, sequences_per_row=stage.sequences_per_row)
     seed_everything(config.seed)
     model = source.build(model_config, stage.tokenizer, processes.device)
     if config.lora_rank:
@@ -108,10 +106,11 @@ def setup(model_config: ModelConfig, config: TrainConfig, saved: dict[str, Any] 
                                   tuple(config.adamw_betas), config.embedding_lr)
     state = TrainState(
         config, processes, autocast_dtype, layout, stage, model,
-        step_model=wrap_step_model(CausalLMLoss(model), config.compile, processes),
+        step_model=wrap_step_model(stage.objective(model), config.compile, processes),
         optimizers=optimizers,
         scaler=torch.amp.GradScaler(processes.device.type, enabled=autocast_dtype == torch.float16),
-        batches=stage.batches(layout, config.seed, processes), pending=Pending.zeros(processes.device),
+        batches=stage.batches(layout, config.seed, processes, model, autocast_for(processes.device, autocast_dtype)),
+        pending=Pending.zeros(processes.device),
         files=files, peak_flops=config.peak_flops or peak_flops(processes.device, autocast_dtype),
         flops_per_token=flops_per_token(model.config, layout.seq_len),
         params=[p for p in model.parameters() if p.requires_grad])
@@ -143,7 +142,7 @@ def run(state: TrainState, should_stop: Callable[[int], bool] | None = None) -> 
     the end; Ctrl-C or `should_stop` saves last/ and returns early."""
     config = state.config
     stop = threading.Event()
-    final: EvalResult | None = None
+    final: Score | None = None
     plan = RunPlan(state.step + 1, config.max_steps, state.layout.tokens_per_step, config.eval_interval,
                    state.stage.eval_tokens, choices=state.stage.choices)
     announce(state, plan)
@@ -162,8 +161,7 @@ def run(state: TrainState, should_stop: Callable[[int], bool] | None = None) -> 
             log_now = state.step % config.log_interval == 0 or last
             stopping = stop_requested(state, stop, should_stop, log_now)
             if log_now:
-                loss, lr, tok_per_s = log_metrics(state)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_per_s:,.0f}", refresh=False)
+                bar.set_postfix(log_metrics(state), refresh=False)
             if state.step % config.eval_interval == 0 or last:
                 result = evaluate_and_save(state)
                 final = result if last else None
@@ -184,7 +182,7 @@ def train_step(state: TrainState) -> None:
     step = state.step + 1
     apply_schedule(state.optimizers, step, config)
     micro_batches = [next(state.batches) for _ in range(micro_steps)]
-    divisor = loss_divisor(micro_batches, state.processes)
+    divisor = loss_divisor([state.stage.units(batch) for batch in micro_batches], state.processes)
     for micro, batch in enumerate(micro_batches):
         if device.type == "cuda":
             batch = tuple(tensor.pin_memory() for tensor in batch)
@@ -280,8 +278,9 @@ def diverged(out: Path, step: int, what: str, preposition: str) -> None:
         f"Lower muon_lr/adamw_lr, raise warmup_steps or set grad_clip")
 
 
-def log_metrics(state: TrainState) -> tuple[float, float, float]:
-    """Write the log event (and stop a diverged run); returns loss, learning rate and tokens/s."""
+def log_metrics(state: TrainState) -> dict[str, str]:
+    """Write the log event, with the stage's own metrics (and stop a diverged run); returns what the
+    progress bar shows: loss, learning rate, the stage's first two metrics, tokens/s."""
     loss, grad_norm = means = means_since_log(state)
     stop_if_diverged(state, means)
     pending = state.pending
@@ -289,15 +288,18 @@ def log_metrics(state: TrainState) -> tuple[float, float, float]:
     pending.reset()
     # MFU per device: each device processes 1/world of the tokens against its own peak.
     mfu = tok_per_s / state.processes.world_size * state.flops_per_token / state.peak_flops
-    state.write_event({"lr": state.lr, "loss": loss, "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu})
-    return loss, state.lr, tok_per_s
+    stage_metrics = state.stage.metrics(state.processes)
+    state.write_event({"lr": state.lr, "loss": loss, "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu,
+                       **stage_metrics})
+    return {"loss": f"{loss:.3f}", "lr": f"{state.lr:.2e}",
+            **{name: f"{value:.3g}" for name, value in list(stage_metrics.items())[:2]}, "tok_s": f"{tok_per_s:,.0f}"}
 
 
 # --------------------------------------------------------------------------------------------
 # Evaluate and save
 
 
-def evaluate_and_save(state: TrainState) -> EvalResult:
+def evaluate_and_save(state: TrainState) -> Score:
     """Evaluate on the whole held-out split; show samples when due; save best/ when it improved,
     and last/."""
     stop_if_diverged(state)  # never checkpoint a diverged model
@@ -308,7 +310,8 @@ def evaluate_and_save(state: TrainState) -> EvalResult:
     if not math.isfinite(result.loss):
         diverged(state.out, state.step, f"validation loss {result.loss}", "at")
     improved = result.loss < state.best_val_loss
-    state.best_val_loss = min(state.best_val_loss, result.loss)
+    if improved:
+        state.best_val_loss, state.best_summary = result.loss, result.summary()
     state.write_event({**result.metrics(), "lr": state.lr})
     log(f"step {state.step}: validation {result.summary()}{' (best so far)' if improved else ''}")
     if processes.is_main and sample_due(state.step, state.config.sample_interval, state.config.max_steps):

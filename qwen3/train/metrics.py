@@ -44,6 +44,12 @@ class EvalResult:
         return (f"loss {self.loss:.4f} | accuracy {self.accuracy:.2%} | perplexity {self.perplexity:.2f}"
                 f" | bits/byte {self.bits_per_byte:.4f} | {self.tokens:,} tokens")
 
+    def report(self) -> list[tuple[str, str]]:
+        """The lines `qwen3 eval` prints."""
+        return [("loss", f"{self.loss:.4f} nats/token"), ("accuracy", f"{self.accuracy:.2%}"),
+                ("perplexity", f"{self.perplexity:.2f}"), ("bits/byte", f"{self.bits_per_byte:.4f}"),
+                ("tokens", f"{self.tokens:,}")]
+
 
 def score_tokens(model: Qwen3ForCausalLM, tokens: np.ndarray, seq_len: int, batch_size: int, num_bytes: int,
                  device: torch.device | str = "cpu", autocast: contextlib.AbstractContextManager | None = None,

@@ -15,24 +15,25 @@ import torch.distributed as dist
 from torch import nn
 
 from qwen3.errors import UserError, log
-from qwen3.model.loss import IGNORE
 from qwen3.runtime import Distributed
 
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """How one step's global batch (batch_size windows x grad_accum micro-batches) is shared: every
-    process runs `micro_steps` micro-batches of `rows` windows of `seq_len` tokens."""
+    """How one step's global batch (batch_size rows x grad_accum micro-batches) is shared: every
+    process runs `micro_steps` micro-batches of `rows` rows, each `sequences_per_row` sequences (a
+    prompt's group of completions in RL, else one) of up to `seq_len` tokens."""
 
     micro_steps: int
     rows: int
     seq_len: int
     world_size: int
+    sequences_per_row: int = 1
 
     @property
     def tokens_per_step(self) -> int:
-        """Training tokens of one optimizer step, all processes together."""
-        return self.micro_steps * self.rows * self.world_size * self.seq_len
+        """Training tokens of one optimizer step, all processes together (rows at their full length)."""
+        return self.micro_steps * self.rows * self.world_size * self.sequences_per_row * self.seq_len
 
 
 def batch_layout(batch_size: int, grad_accum: int, seq_len: int, world_size: int) -> BatchLayout:
@@ -48,14 +49,15 @@ def batch_layout(batch_size: int, grad_accum: int, seq_len: int, world_size: int
     return BatchLayout(grad_accum // shared_steps, batch_size // row_split, seq_len, world_size)
 
 
-def loss_divisor(micro_batches: list[tuple[torch.Tensor, torch.Tensor]], processes: Distributed) -> torch.Tensor:
-    """What each micro-batch's summed loss is divided by so that one step learns from every target
-    of its global batch equally, whichever micro-batch and process holds it: the step's count of
-    targets over all micro-batches and processes (a collective under DDP), over the number of
-    processes, because DDP averages their gradients. A mean per micro-batch instead would weigh a
-    token of a batch with few reply tokens more than one of a batch with many. Without a loss mask
-    every batch counts the same and this is the mean per micro-batch over the micro-steps."""
-    count = torch.tensor(float(sum(int((y != IGNORE).sum()) for _, y in micro_batches)), device=processes.device)
+def loss_divisor(units: list[int], processes: Distributed) -> torch.Tensor:
+    """What each micro-batch's summed loss is divided by so that one step learns from every unit of
+    its global batch equally (a target, a completion token, a pair: `units` counts each of this
+    process's micro-batches'), whichever micro-batch and process holds it: the step's count over all
+    micro-batches and processes (a collective under DDP), over the number of processes, because DDP
+    averages their gradients. A mean per micro-batch instead would weigh a token of a batch with few
+    reply tokens more than one of a batch with many. Without a loss mask every batch counts the
+    same and this is the mean per micro-batch over the micro-steps."""
+    count = torch.tensor(float(sum(units)), device=processes.device)
     if processes.world_size > 1:
         dist.all_reduce(count)
     return count.clamp_min(1) / processes.world_size  # no targets at all: loss 0, never 0/0

@@ -27,10 +27,9 @@ from qwen3.errors import UserError
 from qwen3.model.decoder import Qwen3ForCausalLM
 from qwen3.model.lora import adapter_state_dict, load_adapter_state
 from qwen3.runtime import Distributed, device_name, rng_state, set_rng_state
-from qwen3.train.metrics import EvalResult
 from qwen3.train.parallel import BatchLayout
 from qwen3.train.runfiles import RunFiles
-from qwen3.train.stages import BatchSource, Stage
+from qwen3.train.stages import BatchSource, Score, Stage
 
 
 @dataclass
@@ -70,8 +69,9 @@ class TrainResult:
     tokens: int                # training tokens consumed
     elapsed_s: float           # wall-clock of the whole run, resumed parts included
     interrupted: bool          # stopped by Ctrl-C or `should_stop` before max_steps
-    best_val_loss: float
-    final_eval: EvalResult | None  # the evaluation at the last step (None when interrupted)
+    best_val_loss: float      # the best evaluation's loss (Score.loss: lower is better)
+    best_summary: str         # and its summary line
+    final_eval: Score | None   # the evaluation at the last step (None when interrupted)
 
 
 @dataclass
@@ -95,6 +95,7 @@ class TrainState:
     params: list[nn.Parameter] = field(default_factory=list)  # the trainable ones: clipped together
     step: int = 0
     best_val_loss: float = math.inf
+    best_summary: str = ""         # the best evaluation's summary line
     elapsed_before: float = 0.0    # wall-clock of the earlier parts of a resumed run
     started: float = field(default_factory=time.perf_counter)
 
@@ -118,9 +119,9 @@ class TrainState:
         self.files.write_event({"step": self.step, "tokens": self.step * self.layout.tokens_per_step,
                                 **values, "elapsed_s": round(self.elapsed(), 3)})
 
-    def result(self, interrupted: bool, final: EvalResult | None) -> TrainResult:
+    def result(self, interrupted: bool, final: Score | None) -> TrainResult:
         return TrainResult(self.out, self.step, self.step * self.layout.tokens_per_step, self.elapsed(),
-                           interrupted, self.best_val_loss, final)
+                           interrupted, self.best_val_loss, self.best_summary, final)
 
     def state_dict(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         """trainer_state.pt: everything but the weights that a resume needs; `ranks` holds each
@@ -132,6 +133,7 @@ class TrainState:
             "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
             "scaler": self.scaler.state_dict(),
             "best_val_loss": self.best_val_loss,
+            "best_summary": self.best_summary,
             "elapsed_s": self.elapsed(),
             "pending": self.pending.state_dict(),
             "ranks": ranks,
@@ -163,6 +165,7 @@ class TrainState:
         self.scaler.load_state_dict(saved["scaler"])
         self.step = saved["step"]
         self.best_val_loss = saved["best_val_loss"]
+        self.best_summary = saved.get("best_summary", "")  # absent from runs saved before it was kept
         self.elapsed_before = saved["elapsed_s"]
         self.pending.load_state_dict(saved["pending"])
         ranks = saved["ranks"]

@@ -6,8 +6,11 @@ chooses the sequence length when the config leaves it open (seq_len 0: `longest_
 it) and says why, hands the loop an endless stream of micro-batches, scores a model on its held-out
 part, names the prompts its samples continue (from the held-out part when it is the user's), and
 describes itself for run.json, the plan and `qwen3 eval`.
-Pretraining (text windows, pretrain.py) and chat fine-tuning (conversations with a loss mask on
-the replies, sft.py) implement it; the registry in __init__.py is the one place that knows them.
+A stage that learns from something other than next tokens also gives the loss (`objective`),
+what a micro-batch's loss is summed over (`units`) and metrics of its own. Pretraining (text
+windows, pretrain.py) and chat fine-tuning (conversations with a loss mask on the replies, sft.py),
+reinforcement learning (rollouts scored by a reward, rl.py) and preference optimization (pairs,
+dpo.py) implement it; the registry in __init__.py is the one place that knows them.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Protocol
 
 import torch
+from torch import nn
 
 from qwen3.config import SEQ_LEN_CAP, TrainConfig
 from qwen3.data.tokenizer import Tokenizer
 from qwen3.model.decoder import Qwen3ForCausalLM
+from qwen3.model.loss import IGNORE, CausalLMLoss
 from qwen3.runtime import Distributed
-from qwen3.train.metrics import EvalResult
 from qwen3.train.parallel import BatchLayout
 
 
@@ -36,13 +40,26 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class Score(Protocol):
+    """What an evaluation hands back: the figure the best checkpoint minimizes, the metrics.jsonl
+    fields, a log line and the lines `qwen3 eval` prints."""
+
+    @property
+    def loss(self) -> float: ...
+    def metrics(self) -> dict[str, float]: ...
+    def summary(self) -> str: ...
+    def report(self) -> list[tuple[str, str]]: ...
+
+
 class Stage(ABC):
-    """A stage with its data prepared: made by `prepare`, then read by the loop."""
+    """A stage with its data prepared: made by `prepare`, then read by the loop. The defaults of the
+    methods that are not abstract are next-token prediction's: pretraining and fine-tuning keep them."""
 
     name: ClassVar[str]   # TrainConfig.stage
     chat: ClassVar[bool]  # its sample prompts are user turns of the chat template, not text to continue
     tokenizer: Tokenizer  # what the data was tokenized with: the model's
     seq_len: int          # tokens a training sequence predicts: config.seq_len, or the stage's choice
+    sequences_per_row: int = 1  # sequences a row of the batch layout holds (RL: a prompt's group)
 
     @classmethod
     @abstractmethod
@@ -55,12 +72,28 @@ class Stage(ABC):
         scoring the held-out part alone (`qwen3 eval`), which then needs no whole training window."""
 
     @abstractmethod
-    def batches(self, layout: BatchLayout, seed: int, processes: Distributed) -> BatchSource:
-        """This process's stream of training micro-batches (its rows of each global batch)."""
+    def batches(self, layout: BatchLayout, seed: int, processes: Distributed, model: Qwen3ForCausalLM,
+                autocast: contextlib.AbstractContextManager) -> BatchSource:
+        """This process's stream of training micro-batches (its rows of each global batch); `model`
+        (the one being trained) and `autocast` for stages whose batches it computes (RL's rollouts)."""
+
+    def objective(self, model: Qwen3ForCausalLM) -> nn.Module:
+        """The model and its loss as one module: `module(*batch, divisor)` is a micro-batch's summed
+        loss over `divisor`. Next-token cross-entropy on the targets that are not -100."""
+        return CausalLMLoss(model)
+
+    def units(self, batch: tuple[torch.Tensor, ...]) -> int:
+        """What a micro-batch's loss is summed over (the loop divides by the step's total): its
+        learned targets."""
+        return int((batch[1] != IGNORE).sum())
+
+    def metrics(self, processes: Distributed) -> dict[str, float]:
+        """The stage's own metrics since the last log line (a collective under DDP): none here."""
+        return {}
 
     @abstractmethod
     def evaluate(self, model: Qwen3ForCausalLM, batch_size: int, device: torch.device,
-                 autocast: contextlib.AbstractContextManager, rank: int = 0, world_size: int = 1) -> EvalResult:
+                 autocast: contextlib.AbstractContextManager, rank: int = 0, world_size: int = 1) -> Score:
         """The model's metrics on the whole held-out part, the same on every rank (a collective)."""
 
     @abstractmethod

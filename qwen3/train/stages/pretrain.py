@@ -63,7 +63,8 @@ class Pretraining(Stage):
             longest = shortened
         return cls(data, longest, f"windows of {longest:,} tokens: {why}")
 
-    def batches(self, layout: BatchLayout, seed: int, processes: Distributed) -> RandomWindows:
+    def batches(self, layout: BatchLayout, seed: int, processes: Distributed, model: Qwen3ForCausalLM,
+                autocast: contextlib.AbstractContextManager) -> RandomWindows:
         return RandomWindows(self.data.train_tokens, layout.seq_len, layout.rows, seed, processes.rank,
                              processes.world_size)
 

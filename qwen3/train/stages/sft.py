@@ -80,7 +80,8 @@ class ChatFineTuning(Stage):
         log(stage.describe())
         return stage
 
-    def batches(self, layout: BatchLayout, seed: int, processes: Distributed) -> PackedRows:
+    def batches(self, layout: BatchLayout, seed: int, processes: Distributed, model: Qwen3ForCausalLM,
+                autocast: contextlib.AbstractContextManager) -> PackedRows:
         return PackedRows(self.train, layout.rows, seed, processes.rank, processes.world_size)
 
     def evaluate(self, model: Qwen3ForCausalLM, batch_size: int, device: torch.device,
