@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from qwen3.errors import UserError
 
@@ -44,7 +45,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     flags = {name: value for name, value in (
         ("data", args.data), ("out_dir", args.out), ("max_steps", args.max_steps),
         ("optimizer", args.optimizer), ("compile", args.compile), ("lora_rank", getattr(args, "lora_rank", None)),
-        ("lora_alpha", getattr(args, "lora_alpha", None)), ("lora_targets", getattr(args, "lora_targets", None)))
+        ("lora_alpha", getattr(args, "lora_alpha", None)), ("lora_targets", getattr(args, "lora_targets", None)),
+        ("reward", getattr(args, "reward", None)), ("group_size", getattr(args, "group_size", None)),
+        ("thinking", getattr(args, "thinking", None)), ("dpo_beta", getattr(args, "beta", None)))
         if value is not None}
     if args.resume and args.init_from:
         raise UserError("--init-from starts a new run; --resume continues one: give one of them")
@@ -69,13 +72,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     if result.final_eval is not None:
         print(f"step {result.step}: validation {result.final_eval.summary()}")
-    print(f"best checkpoint: {result.out_dir / 'best'} (validation loss {result.best_val_loss:.4f})")
+    best = f" (validation {result.best_summary})" if result.best_summary else ""
+    print(f"best checkpoint: {result.out_dir / 'best'}{best}")
 
 
-def cmd_sft(args: argparse.Namespace) -> None:
-    """`qwen3 train --preset sft --init-from DIR`, with the output beside DIR by default."""
-    args.preset, args.init_from, args.resume, args.optimizer = "sft", args.dir, None, None
-    args.out = args.out or str(args.dir).rstrip("/") + "-sft"
+def cmd_stage(args: argparse.Namespace) -> None:
+    """`qwen3 sft|rl|dpo DIR` is `qwen3 train --preset sft|rl|dpo --init-from DIR`, with the output
+    beside DIR by default (DIR-sft, DIR-rl, DIR-dpo)."""
+    args.preset, args.init_from, args.resume, args.optimizer = args.command, args.dir, None, None
+    args.out = args.out or f"{str(args.dir).rstrip('/')}-{args.command}"
     cmd_train(args)
 
 
@@ -85,11 +90,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result, info = evaluate_checkpoint(args.dir, args.data)
     print(f"checkpoint:   {info['checkpoint']}")
     print(f"data:         {', '.join(info['sources'])} ({info['split']})")
-    print(f"loss:         {result.loss:.4f} nats/token")
-    print(f"accuracy:     {result.accuracy:.2%}")
-    print(f"perplexity:   {result.perplexity:.2f}")
-    print(f"bits/byte:    {result.bits_per_byte:.4f}")
-    print(f"tokens:       {result.tokens:,}")
+    for label, value in result.report():
+        print(f"{label + ':':<14}{value}")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -170,20 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(train, "any model or train config field")
     train.set_defaults(handler=cmd_train)
 
-    sft = commands.add_parser("sft", help="chat fine-tuning: the loss on the assistant's replies")
-    sft.add_argument("dir", metavar="DIR", help="checkpoint or run folder to start from")
-    sft.add_argument("--data", action="append", default=None, metavar="FILE",
-                     help="conversations: .jsonl/.json/.parquet with messages, ShareGPT conversations or "
-                          "prompt/completion (repeatable); default: the embedded set built from the corpus")
-    sft.add_argument("--out", metavar="DIR", help="run folder (default: DIR-sft)")
-    sft.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
-    sft.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R (0: every weight)")
-    sft.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA scale numerator (default 16)")
-    sft.add_argument("--lora-targets", metavar="NAMES",
-                     help="comma-separated projections to adapt (default: q,k,v,o,gate,up,down _proj)")
-    sft.add_argument("--config", metavar="FILE.toml", help="TOML file with a [train] table")
-    add_run_options(sft, "any train config field")
-    sft.set_defaults(handler=cmd_sft)
+    sft = add_stage_command(commands, "sft", "chat fine-tuning: the loss on the assistant's replies",
+                            "conversations: .jsonl/.json/.parquet with messages, ShareGPT conversations or "
+                            "prompt/completion (repeatable); default: the embedded set built from the corpus")
+    rl = add_stage_command(commands, "rl", "reinforcement learning with verifiable rewards (GRPO)",
+                           "prompts: .jsonl/.json/.parquet records with 'messages' ending with a user turn, their "
+                           "other fields for the reward (repeatable); default: the embedded book task")
+    rl.add_argument("--reward", metavar="NAME|MODULE:FUNCTION",
+                    help="a built-in reward (book, math) or reward(completion, record) -> float of yours")
+    rl.add_argument("--group-size", type=int, metavar="G", help="completions sampled per prompt (default 8)")
+    rl.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                    help="render prompts with thinking on or off (templates that have it; default: the template's)")
+    dpo = add_stage_command(commands, "dpo", "direct preference optimization on chosen/rejected pairs",
+                            "pairs in TRL's preference format: prompt, chosen, rejected (repeatable); "
+                            "default: the embedded book pairs")
+    dpo.add_argument("--beta", type=float, metavar="B", help="DPO's beta: how far from the reference (default 0.1)")
+    for command in (sft, rl, dpo):
+        command.set_defaults(handler=cmd_stage)
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on validation data")
     evaluate.add_argument("dir", metavar="DIR", help="checkpoint folder or run folder")
@@ -232,6 +237,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weight type (norm gains stay f32)")
     export.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
     export.set_defaults(handler=cmd_export)
+    return parser
+
+
+def add_stage_command(commands: Any, name: str, summary: str, data_help: str) -> argparse.ArgumentParser:
+    """A training stage that starts from a checkpoint: `qwen3 NAME DIR` with its data and the options
+    every such stage shares."""
+    parser = commands.add_parser(name, help=summary)
+    parser.add_argument("dir", metavar="DIR", help="checkpoint or run folder to start from")
+    parser.add_argument("--data", action="append", default=None, metavar="FILE", help=data_help)
+    parser.add_argument("--out", metavar="DIR", help=f"run folder (default: DIR-{name})")
+    parser.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
+    parser.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R (0: every weight)")
+    parser.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA scale numerator (default 16)")
+    parser.add_argument("--lora-targets", metavar="NAMES",
+                        help="comma-separated projections to adapt (default: q,k,v,o,gate,up,down _proj)")
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML file with a [train] table")
+    add_run_options(parser, "any train config field")
     return parser
 
 

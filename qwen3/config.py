@@ -174,6 +174,16 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # the cosine decays to this fraction of the peak
     grad_clip: float = 1.0  # 0 disables clipping
+    # reinforcement learning (stage "rl", train/stages/rl.py) and preference optimization ("dpo")
+    reward: str = "book"  # a built-in reward (book, math) or MODULE:FUNCTION (train/rewards.py)
+    group_size: int = 8  # completions sampled per prompt; batch_size counts prompts
+    rollout_temperature: float = 1.0
+    max_completion_tokens: int = 32
+    updates_per_rollout: int = 1  # optimizer steps on each batch of rollouts
+    clip_epsilon: float = 0.2  # the policy ratio's clip range: [1 - eps, 1 + eps]
+    kl_beta: float = 0.0  # weight of the KL term to the starting model; 0: none (docs/reasoning.md)
+    thinking: bool | None = None  # prompts rendered with thinking on/off; None: the template's default
+    dpo_beta: float = 0.1  # DPO's beta: how strongly the policy may leave the reference
     # bookkeeping
     eval_interval: int = 100
     log_interval: int = 10
@@ -214,6 +224,19 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "peak_flops", "embedding_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ConfigError(f"group_size must be an integer of at least 2 (a group to compare), got {self.group_size!r}")
+        for name in ("max_completion_tokens", "updates_per_rollout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 < self.clip_epsilon < 1.0:
+            raise ConfigError(f"clip_epsilon must be between 0 and 1, got {self.clip_epsilon}")
+        for name in ("rollout_temperature", "dpo_beta"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kl_beta < 0:
+            raise ConfigError(f"kl_beta must be non-negative, got {self.kl_beta}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}")
         if len(self.adamw_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adamw_betas):
@@ -260,6 +283,19 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {},
         dict(stage="sft", optimizer="adamw", adamw_lr=1e-3, batch_size=8, grad_accum=1, max_steps=300,
              warmup_steps=20, eval_interval=50, log_interval=10, sample_interval=50, out_dir="runs/sft"),
+    ),
+    # Reinforcement learning (qwen3 rl DIR): 8 prompts x 8 completions a step, AdamW, on-policy.
+    "rl": (
+        {},
+        dict(stage="rl", optimizer="adamw", adamw_lr=1e-4, batch_size=8, grad_accum=1, max_steps=200,
+             warmup_steps=10, min_lr_ratio=1.0, grad_clip=1.0, eval_interval=50, log_interval=5, sample_interval=50,
+             out_dir="runs/rl"),
+    ),
+    # Direct preference optimization (qwen3 dpo DIR): 8 pairs a step, AdamW at a fine-tuning rate.
+    "dpo": (
+        {},
+        dict(stage="dpo", optimizer="adamw", adamw_lr=1e-4, batch_size=8, grad_accum=1, max_steps=200,
+             warmup_steps=10, eval_interval=50, log_interval=10, sample_interval=50, out_dir="runs/dpo"),
     ),
     # The real Qwen3-0.6B shape (needs a GPU to train in any reasonable time).
     "qwen3-0.6b": (

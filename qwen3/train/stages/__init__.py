@@ -5,13 +5,16 @@ base.py). The registry below is the one place that knows them; the loop, the pla
 from __future__ import annotations
 
 from qwen3.config import ConfigError
-from qwen3.train.stages.base import BatchSource, Stage
+from qwen3.train.stages.base import BatchSource, Score, Stage
+from qwen3.train.stages.dpo import PreferenceOptimization
 from qwen3.train.stages.pretrain import Pretraining
+from qwen3.train.stages.rl import ReinforcementLearning
 from qwen3.train.stages.sft import ChatFineTuning
 
-STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Pretraining, ChatFineTuning)}
+STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Pretraining, ChatFineTuning,
+                                                                   ReinforcementLearning, PreferenceOptimization)}
 
-__all__ = ["STAGES", "BatchSource", "Stage", "stage_class"]
+__all__ = ["STAGES", "BatchSource", "Score", "Stage", "stage_class"]
 
 
 def stage_class(name: str) -> type[Stage]:
