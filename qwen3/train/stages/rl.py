@@ -248,6 +248,9 @@ class Rollouts:
         self.prompts_per_step = layout.micro_steps * layout.rows  # this process's share of batch_size
         self.group, self.updates = config.group_size, config.updates_per_rollout
         self.sampling = SamplingParams(temperature=config.rollout_temperature, max_new_tokens=config.max_completion_tokens)
+        was_training = model.training
+        self.engine = Engine(model, stage.tokenizer)  # one engine: its cache serves every rollout
+        model.train(was_training)
         # The starting model, for the KL term and its metric: free under LoRA, a second model otherwise.
         self.reference = StartingModel(model, config.init_from) if config.kl_beta > 0 or lora_layers(model) else None
         self.drawn = 0  # micro-batches handed out
@@ -289,9 +292,10 @@ class Rollouts:
         params = [dataclasses.replace(self.sampling, seed=hash_seed(self.seed, index, position, sample))
                   for position, _ in prompts for sample in range(self.group)]
         was_training = self.model.training
+        self.model.eval()
         try:  # sampled in the weights' dtype (the engine's cache is theirs); scored below under autocast
-            replies = Engine(self.model, self.stage.tokenizer).generate_batch(
-                [prompt.ids for _, prompt in prompts for _ in range(self.group)], params)
+            replies = self.engine.generate_batch([prompt.ids for _, prompt in prompts for _ in range(self.group)],
+                                                 params)
         finally:
             self.model.train(was_training)
         expanded = [prompt for _, prompt in prompts for _ in range(self.group)]  # prompt i's samples, in order
