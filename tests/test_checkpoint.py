@@ -89,8 +89,9 @@ print(peak_rss_mb() - before, sum(p.numel() * p.element_size() for p in model.pa
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_loading_a_bfloat16_checkpoint_costs_its_weights_in_the_chosen_dtype_and_no_second_copy(tmp_path, dtype):
     """48M parameters stored in bfloat16 (96 MB), loaded as float32 (192 MB) or as they are: memory
-    grows by the loaded weights and one stored tensor at most, where reading the whole file first
-    and converting it after held both copies."""
+    grows by the loaded weights and the 16 MB conversion buffer, where reading the whole file first
+    and converting it after held both copies (and converting tensor by tensor held each twice, with
+    the allocator free to keep the freed copies)."""
     torch.manual_seed(0)
     config = small_config(vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                           num_attention_heads=8, num_key_value_heads=4, head_dim=64)
@@ -100,7 +101,7 @@ def test_loading_a_bfloat16_checkpoint_costs_its_weights_in_the_chosen_dtype_and
     assert completed.returncode == 0, completed.stderr[-2000:]
     grown, weights = map(float, completed.stdout.split())
     assert weights == pytest.approx(48.5 * (4 if dtype == "float32" else 2), rel=0.05)
-    assert grown < weights * 1.15 + 16, f"loading grew the process by {grown:.0f} MB for {weights:.0f} MB of weights"
+    assert grown < weights * 1.05 + 16, f"loading grew the process by {grown:.0f} MB for {weights:.0f} MB of weights"
 
 
 def listing(folder) -> list[str]:

@@ -183,9 +183,10 @@ def stored_dtype(folder: str | Path) -> torch.dtype:
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, attention: str = "sdpa") -> Qwen3ForCausalLM:
     """Load a Hugging Face Qwen3 folder (ours or any other) into our model, in eval mode, its
-    weights in `dtype` on `device`. The tensors are read one at a time with plain reads (no memory
-    map, whose pages would count as the process's) and converted as they come, so memory peaks at
-    the model in `dtype` plus one stored tensor, never at a second copy of the weights."""
+    weights in `dtype` on `device`. Each tensor is read with plain reads (no memory map, whose pages
+    would count as the process's) straight into its place, or through a small buffer when it must
+    be converted, so memory peaks at the model in `dtype` plus that buffer, never at a second copy
+    of the weights."""
     folder = find_checkpoint(path)
     config = load_config(folder)
     layout = weight_layout(folder)
@@ -209,7 +210,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         if layout[name].shape != shape:
             raise CheckpointError(f"{layout[name].file}: {name} has shape {layout[name].shape}, "
                                   f"config.json implies {shape}")
-    state = {name: read_tensor(layout[name]).to(device=device, dtype=dtype) for name in expected}
+    state = {name: read_tensor(layout[name], dtype, torch.device(device)) for name in expected}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -217,17 +218,31 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     return model.eval()
 
 
-def read_tensor(stored: StoredTensor) -> torch.Tensor:
-    """One tensor's bytes read from its file into a new CPU tensor."""
-    tensor = torch.empty(stored.shape, dtype=stored.dtype)
+CONVERSION_BUFFER_BYTES = 16 << 20
+
+
+def read_tensor(stored: StoredTensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One stored tensor as a new tensor in `dtype` on `device`. Bytes already in the wanted form
+    are read straight into it; others pass through a buffer of at most CONVERSION_BUFFER_BYTES,
+    converted slice by slice, so no whole stored copy is ever held beside the result."""
+    result = torch.empty(stored.shape, dtype=dtype, device=device)
+    flat = result.view(-1)
+    stored_size = torch.empty((), dtype=stored.dtype).element_size()
+    direct = dtype == stored.dtype and device.type == "cpu"
+    step = max(1, flat.numel() if direct else CONVERSION_BUFFER_BYTES // stored_size)
+    buffer = flat if direct else torch.empty(min(step, flat.numel()), dtype=stored.dtype)
     try:
         with open(stored.file, "rb") as handle:
             handle.seek(stored.start)
-            if handle.readinto(tensor.view(-1).view(torch.uint8).numpy()) != stored.end - stored.start:
-                raise ValueError("the file ends early")
+            for begin in range(0, flat.numel(), step):
+                piece = buffer[:min(step, flat.numel() - begin)]
+                if handle.readinto(piece.view(torch.uint8).numpy()) != piece.numel() * stored_size:
+                    raise ValueError("the file ends early")
+                if not direct:
+                    flat[begin:begin + piece.numel()].copy_(piece)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{stored.file}: unreadable or truncated safetensors file ({error})") from None
-    return tensor
+    return result
 
 
 def load_trainer_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
