@@ -161,3 +161,37 @@ def test_two_processes_under_torchrun_share_the_groups_and_learn_like_one(base, 
         assert ours[step]["reward"] == pytest.approx(theirs[step]["reward"], abs=1e-6), step
         assert ours[step]["completion_tokens"] == pytest.approx(theirs[step]["completion_tokens"]), step
         assert ours[step]["loss"] == pytest.approx(theirs[step]["loss"], abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_fine_tuned_to_think_then_reinforced_with_thinking_on(base, tmp_path):
+    """SFT on conversations whose replies carry reasoning teaches the template's <think> format;
+    RL with thinking on then samples thoughts before answers, and the reward sees the answer
+    after them."""
+    chats = tmp_path / "think.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"{WORDS[i % len(WORDS)]} {i}"},
+        {"role": "assistant", "reasoning_content": "seed tree", "content": "yes"}]}) + "\n" for i in range(80)))
+    folder, model = init_checkpoint(base)
+    sft = apply_overrides(model, preset("sft")[1], {
+        "init_from": str(folder), "data": [str(chats)], "out_dir": str(tmp_path / "sft"), "max_steps": 60,
+        "adamw_lr": 3e-3, "warmup_steps": 2, "eval_interval": 60, "sample_interval": 0})
+    train(*sft)
+    prompts = prompts_file(tmp_path)
+    (tmp_path / "yes_rewards.py").write_text(
+        "from qwen3.train.rewards import answer_text\n"
+        "def thought_then_yes(completion, record):\n"
+        "    return float('</think>' in completion and answer_text(completion) == 'yes')\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        rl = rl_configs(tmp_path / "sft", tmp_path / "rl", prompts, reward="yes_rewards:thought_then_yes",
+                        thinking=True, max_completion_tokens=40, max_steps=4, eval_interval=4, adamw_lr=1e-4,
+                        sample_interval=0, rollout_temperature=0.3)
+        result = train(*rl)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("yes_rewards", None)
+    # The greedy replies think, then answer; some sampled ones do too (the tiny model is not sharp
+    # at any temperature), so the groups have something to learn from.
+    logged = [event["reward"] for event in events(tmp_path / "rl") if "reward" in event]
+    assert result.final_eval.pass_at_1 == 1.0 and logged[0] > 0
