@@ -62,9 +62,9 @@ def seconds(function: Callable[[], object], device: torch.device, clock: Callabl
     return clock() - start
 
 
-def random_checkpoint(folder: Path, config: ModelConfig) -> Path:
+def random_checkpoint(folder: Path, config: ModelConfig, dtype: torch.dtype = torch.float32) -> Path:
     torch.manual_seed(0)
-    save_model(Qwen3ForCausalLM(config), folder, tokenizer=train_tokenizer([TEXT], vocab_size=512))
+    save_model(Qwen3ForCausalLM(config).to(dtype), folder, tokenizer=train_tokenizer([TEXT], vocab_size=512))
     return folder
 
 
