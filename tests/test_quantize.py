@@ -61,10 +61,11 @@ def test_int8_products_are_exact_integer_sums() -> None:
         torch.testing.assert_close(layer(x), x @ linear.weight.t(), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("kind", WIDTHS)
-def test_each_width_decodes_alone_as_in_a_batch(folder: Path, kind: str) -> None:
+@pytest.mark.parametrize("kind", [None, *WIDTHS])
+def test_each_width_decodes_alone_as_in_a_batch(folder: Path, kind: str | None) -> None:
+    """generate, generate_batch of one prompt and a batch of four give each prompt the same tokens."""
     engine = load_engine(folder, device="cpu", quantize=kind)
-    assert isinstance(engine.model.lm_head, WIDTHS[kind])
+    assert isinstance(engine.model.lm_head, WIDTHS.get(kind, torch.nn.Linear))
     batch = engine.generate_batch(PROMPTS, GREEDY)
     for prompt, together in zip(PROMPTS, batch):
         alone = engine.generate(prompt, GREEDY)
