@@ -114,16 +114,17 @@ class Int8Linear(Inference):
 
 class Int4Linear(Inference):
     """y = x W^T with W in int4 groups: w = (q - 8) * scale + offset, q in 0..15, one scale and
-    offset per INT4_GROUP inputs of an output (the kernel's layout: (K / group, N, 2), bfloat16)."""
+    offset per `group` inputs of an output (the kernel's layout: (K / group, N, 2), bfloat16)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
         self.out_features, self.in_features = weight.shape
+        self.group = group
         # The kernel takes outputs in tiles of 16: a vocabulary of another size gets zero rows, cut off
         # after the product.
         weight = torch.nn.functional.pad(weight, (0, 0, 0, -self.out_features % 16))
-        groups = weight.view(weight.shape[0], -1, INT4_GROUP)  # (N, K / group, group)
+        groups = weight.view(weight.shape[0], -1, group)  # (N, K / group, group)
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         scale = ((high - low) / 15).clamp(min=1e-12)
         q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
@@ -136,7 +137,7 @@ class Int4Linear(Inference):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scale_offset)
+        y = torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scale_offset)
         y = y[:, :self.out_features].to(dtype)
         if self.bias is not None:
             y = y + self.bias.to(dtype)
