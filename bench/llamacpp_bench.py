@@ -45,7 +45,7 @@ from qwen3.infer.sampling import SamplingParams
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ModelConfig(vocab_size=8192, hidden_size=128, intermediate_size=512, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024)
-# shape -> (config, folder dtype, our rows (name, quantize, compile), llama.cpp widths, which is whose peer)
+# shape -> (config, folder dtype, our rows (name, quantize, compile), llama.cpp widths, each row's peer)
 SHAPES = {
     "seed": (SEED, torch.float32, [("float32", None, False), ("float32 compiled", None, True)], ["f32"],
              {"float32": "f32", "float32 compiled": "f32"}),
@@ -151,18 +151,20 @@ def profile(engine: Engine, steps: int = 8) -> None:
     print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
-def print_table(shape: str, rows: dict[str, dict[str, float]], peers: dict[str, str]) -> None:
-    columns = ["decode", f"decode x{BATCH}", *(f"prefill {p}" for p in PROMPTS)]
-    print(f"\n{shape}: tok/s (ratio to llama.cpp of the same width)")
-    print(f"  {'':26}" + "".join(f"{c:>22}" for c in columns))
-    for name, row in rows.items():
-        peer = rows.get(f"llama.cpp {peers.get(name, '')}")
-        cells = [f"{row[c]:10,.1f}" + (f" ({row[c] / peer[c]:5.2f}x)" if peer else " " * 9) for c in columns]
-        print(f"  {name:26}" + "".join(f"{cell:>22}" for cell in cells))
-    for name, row in rows.items():
-        if "generate_batch x1" in row:
-            print(f"  {name}: generate_batch of one prompt decodes {row['generate_batch x1']:,.1f} tok/s, "
-                  f"{row['generate_batch x1'] / row['decode']:.2f}x generate's")
+COLUMNS = ["decode", f"decode x{BATCH}", *(f"prefill {p}" for p in PROMPTS)]
+
+
+def print_header(shape: str) -> None:
+    print(f"\n{shape}: tok/s (ratio to llama.cpp of the same width)\n  {'':26}"
+          + "".join(f"{c:>22}" for c in COLUMNS), flush=True)
+
+
+def print_row(name: str, row: dict[str, float], peer: dict[str, float] | None) -> None:
+    cells = [f"{row[c]:10,.1f}" + (f" ({row[c] / peer[c]:5.2f}x)" if peer else " " * 9) for c in COLUMNS]
+    print(f"  {name:26}" + "".join(f"{cell:>22}" for cell in cells), flush=True)
+    if "generate_batch x1" in row:
+        print(f"  {'':26}generate_batch of one prompt: {row['generate_batch x1']:,.1f} tok/s, "
+              f"{row['generate_batch x1'] / row['decode']:.2f}x generate's", flush=True)
 
 
 def main() -> None:
@@ -181,19 +183,20 @@ def main() -> None:
         for shape in args.shapes.split(","):
             config, dtype, ours, widths, peers = SHAPES[shape]
             folder = decode_bench.random_checkpoint(Path(scratch) / shape, config, dtype)
-            rows = {}
+            print_header(shape)
+            theirs = {}
+            for kind in widths:
+                model = gguf_file(binaries, folder, kind, Path(scratch))
+                theirs[kind] = llama_row(binaries, model, args.threads, args.new_tokens, args.repeats)
+                model.unlink()
+                print_row(f"llama.cpp {kind}", theirs[kind], None)
             for name, quantize, compiled in ours:
                 engine = load_engine(folder, device="cpu", quantize=quantize, compile=compiled)
-                rows[name] = our_row(engine, args.new_tokens, args.repeats)
+                print_row(name, our_row(engine, args.new_tokens, args.repeats), theirs[peers[name]])
+                del engine
                 if args.profile:
                     print(f"\n{shape}, {name}: an eager decode step by operator")
                     profile(load_engine(folder, device="cpu", quantize=quantize))
-                del engine
-            for kind in widths:
-                model = gguf_file(binaries, folder, kind, Path(scratch))
-                rows[f"llama.cpp {kind}"] = llama_row(binaries, model, args.threads, args.new_tokens, args.repeats)
-                model.unlink()
-            print_table(shape, rows, peers)
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")
 
 

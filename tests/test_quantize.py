@@ -42,6 +42,7 @@ def test_a_layer_is_close_to_float_and_each_row_is_computed_alone(kind: str) -> 
     for row in range(len(x)):  # bit for bit: a row's result does not depend on the batch around it
         assert torch.equal(layer(x[row:row + 1]), batch[row:row + 1])
     assert layer(x.view(3, 3, -1)).shape == (3, 3, 96)
+    assert torch.equal(layer(torch.cat([x, x], dim=1)[:, :x.shape[1]]), batch)  # rows strided apart
 
 
 def test_int8_products_are_exact_integer_sums() -> None:

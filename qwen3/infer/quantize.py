@@ -136,7 +136,7 @@ class Int4Linear(Inference):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
-        x = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        x = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # the kernel reads rows densely
         y = torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scale_offset)
         y = y[:, :self.out_features].to(dtype)
         if self.bias is not None:
