@@ -179,8 +179,10 @@ def compile_decode_step(step: DecodeStep, device: torch.device, cuda_graphs: boo
 
     On a CPU a small model's step is mostly per-kernel overhead, so Inductor is asked for a C++
     wrapper that calls the kernels instead of Python, for weights frozen as constants and prepacked
-    for the GEMM library, and for one matmul where linears read the same input (q/k/v, gate/up);
-    attention reads exactly the longest row's columns (a symbolic size after the first recompile).
+    for the GEMM library, for one matmul where linears read the same input (q/k/v, gate/up), and to
+    autotune each product between the GEMM library and its own C++ GEMM template (whose one-row
+    kernels read bfloat16 and float32 weights faster); attention reads exactly the longest row's
+    columns (a symbolic size after the first recompile).
     Measured in bench/decode_bench.py (docs/generation.md). Frozen weights are part of the compiled
     code: a model whose weights change afterwards needs a new step. Other devices get a plain
     torch.compile.
@@ -189,7 +191,8 @@ def compile_decode_step(step: DecodeStep, device: torch.device, cuda_graphs: boo
     if cuda:
         compiled = torch.compile(step, mode="reduce-overhead")
     elif device.type == "cpu":
-        compiled = frozen(torch.compile(step, options={"cpp_wrapper": True, "cpp.enable_concat_linear": True}))
+        compiled = frozen(torch.compile(step, options={"cpp_wrapper": True, "cpp.enable_concat_linear": True,
+                                                       "max_autotune": True}))
     else:
         compiled = torch.compile(step)
 
