@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,8 +192,12 @@ def compile_decode_step(step: DecodeStep, device: torch.device, cuda_graphs: boo
     if cuda:
         compiled = torch.compile(step, mode="reduce-overhead")
     elif device.type == "cpu":
-        compiled = frozen(torch.compile(step, options={"cpp_wrapper": True, "cpp.enable_concat_linear": True,
-                                                       "max_autotune": True}))
+        compiled = frozen(torch.compile(step, options={
+            "cpp_wrapper": True, "cpp.enable_concat_linear": True, "max_autotune": True,
+            # autotuning's timing tables, which Inductor writes to stderr, are not for the user
+            "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}))
+        # ... nor is the deprecation warning torch 2.13's autotuner raises from its own code
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning, "torch._inductor.select_algorithm")
     else:
         compiled = torch.compile(step)
 
