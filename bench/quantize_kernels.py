@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from llamacpp_bench import median_seconds
 from torch import nn
 
 from qwen3.config import preset
@@ -79,12 +78,7 @@ def step_seconds(kernels: list[Kernel], inputs: dict[int, torch.Tensor], repeats
         for kernel, (_, size) in zip(kernels, shapes()):
             kernel(inputs[size])
     step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(step, repeats)
 
 
 def main() -> None:

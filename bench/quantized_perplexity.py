@@ -12,7 +12,6 @@ half. Each width is printed with its change against its own implementation's ful
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import subprocess
 import tempfile
@@ -23,23 +22,12 @@ from llamacpp_bench import gguf_file, llama_cpp_binaries
 
 from qwen3.data.sources import kjv_books
 from qwen3.data.tokenizer import load_tokenizer
-from qwen3.infer.quantize import quantize
+from qwen3.infer.quantize import chunked_perplexity, quantize
 from qwen3.model.checkpoint import find_checkpoint, load_model
 
 OURS = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None), "int8": (torch.float32, "int8"),
         "int4": (torch.float32, "int4")}
 THEIRS = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "int4": "q4_0"}
-
-
-def our_perplexity(model: torch.nn.Module, ids: list[int], context: int) -> float:
-    first, nll, count = context // 2, 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(ids) // context * context, context):
-            chunk = torch.tensor([ids[start:start + context]])
-            logits = model(chunk)[0, first:context - 1].double()
-            nll += torch.nn.functional.cross_entropy(logits, chunk[0, first + 1:], reduction="sum").item()
-            count += context - first - 1
-    return math.exp(nll / count)
 
 
 def llama_perplexity(binaries: Path, model: Path, text: Path, context: int) -> float:
@@ -72,7 +60,7 @@ def main() -> None:
         rows = {}
         for width, (dtype, kind) in OURS.items():
             model = load_model(folder, dtype=dtype)
-            rows[width] = [our_perplexity(quantize(model, kind) if kind else model, ids, context)]
+            rows[width] = [chunked_perplexity(quantize(model, kind) if kind else model, ids, context)]
             gguf = gguf_file(binaries, folder, THEIRS[width], Path(scratch))
             rows[width].append(llama_perplexity(binaries, gguf, Path(scratch) / "text.txt", context))
     ours_full, theirs_full = rows["float32"]

@@ -4,7 +4,6 @@ tiny run, and a quantized model that cannot be saved as a checkpoint."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from qwen3 import cli
 from qwen3.data.sources import kjv_books
 from qwen3.errors import UserError
 from qwen3.infer.engine import load_engine
-from qwen3.infer.quantize import INT4_GROUP, Int4Linear, Int8Linear, quantize
+from qwen3.infer.quantize import INT4_GROUP, Int4Linear, Int8Linear, chunked_perplexity, quantize
 from qwen3.model.checkpoint import load_model, save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,19 +102,6 @@ def test_bad_quantization_requests_are_one_line_errors(folder: Path, tmp_path: P
     assert "invalid choice" in capsys.readouterr().err
 
 
-def perplexity(model: torch.nn.Module, ids: list[int], context: int) -> float:
-    """Held-out perplexity: chunks of `context` tokens, each scoring its second half (llama-perplexity's
-    measure)."""
-    first, nll, count = context // 2, 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(ids) // context * context, context):
-            chunk = torch.tensor([ids[start:start + context]])
-            logits = model(chunk)[0, first:context - 1].double()
-            nll += torch.nn.functional.cross_entropy(logits, chunk[0, first + 1:], reduction="sum").item()
-            count += context - first - 1
-    return math.exp(nll / count)
-
-
 @pytest.mark.slow
 def test_each_width_keeps_the_perplexity_of_float32_on_a_trained_run(tmp_path: Path) -> None:
     cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--max-steps", "150",
@@ -125,9 +111,9 @@ def test_each_width_keeps_the_perplexity_of_float32_on_a_trained_run(tmp_path: P
     engine = load_engine(checkpoint, device="cpu")
     ids = engine.tokenizer.encode("\n\n".join(kjv_books()[-1].split("\n\n")[:100]))  # the held-out book
     context = engine.model.config.max_position_embeddings
-    reference = perplexity(engine.model, ids, context)
+    reference = chunked_perplexity(engine.model, ids, context)
     for kind, tolerance in (("int8", 0.01), ("int4", 0.03)):
-        quantized = perplexity(quantize(load_model(checkpoint), kind), ids, context)
+        quantized = chunked_perplexity(quantize(load_model(checkpoint), kind), ids, context)
         assert abs(quantized / reference - 1) < tolerance, (kind, quantized, reference)
-    bfloat16 = perplexity(load_model(checkpoint, dtype=torch.bfloat16), ids, context)
+    bfloat16 = chunked_perplexity(load_model(checkpoint, dtype=torch.bfloat16), ids, context)
     assert abs(bfloat16 / reference - 1) < 0.01, (bfloat16, reference)

@@ -14,6 +14,7 @@ nn.Linear, the LM head included:
               (q4_1's format; q4_0 has a scale only), multiplied by `_weight_int4pack_mm_for_cpu`,
               which unpacks them inside its GEMM; its inputs are bfloat16.
   quantize    the model with every nn.Linear replaced, in place.
+  chunked_perplexity  the held-out measure each width is checked with (llama-perplexity's).
 
 Both are batch invariant: a row's output depends on that row only (each row has its own input
 scale; integer products are exact; the int4 kernel treats rows alike), so a prompt decodes the same
@@ -29,6 +30,7 @@ calls the kernel as one extern call, keeping the rest of the step fused.
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 import weakref
 
@@ -170,3 +172,17 @@ def quantize(model: nn.Module, kind: str) -> nn.Module:
         with torch.no_grad():
             setattr(model.get_submodule(parent), attribute, layer(module))
     return model
+
+
+def chunked_perplexity(model: nn.Module, ids: list[int], context: int) -> float:
+    """Perplexity as llama-perplexity measures it, so that each width's quality can be set beside
+    llama.cpp's: chunks of `context` tokens, each scoring its second half."""
+    first, nll, count = context // 2, 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(ids) // context * context, context):
+            chunk = torch.tensor([ids[start:start + context]])
+            logits = model(chunk)[0, first:context - 1].double()
+            nll += torch.nn.functional.cross_entropy(logits, chunk[0, first + 1:], reduction="sum").item()
+            count += context - first - 1
+    return math.exp(nll / count)
+
