@@ -16,7 +16,7 @@ token; llama.cpp: `llama-bench`'s pp tests). Medians of --repeats runs; each of 
 with its ratio to the llama.cpp row of its width. At the seed shape `generate` and `generate_batch`
 of one prompt are timed side by side (the same loop: their ratio should be 1).
 
-    python bench/llamacpp_bench.py [--threads 2] [--repeats 3] [--shapes seed,qwen3-0.6b] [--profile]
+    python bench/llamacpp_bench.py [--threads 2] [--repeats 3] [--shapes seed,qwen3-0.6b] [--new-tokens N] [--profile]
 
 --profile prints where a decode step of each of our rows spends its time (torch.profiler, eager, by
 operator). llama.cpp is built by scripts/build-llama-cpp.sh (about 17 minutes the first time, then cached).
@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import decode_bench
@@ -45,14 +46,24 @@ from qwen3.infer.sampling import SamplingParams
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ModelConfig(vocab_size=8192, hidden_size=128, intermediate_size=512, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024)
-# shape -> (config, folder dtype, our rows (name, quantize, compile), llama.cpp widths, each row's peer)
+
+
+@dataclass
+class Shape:
+    config: ModelConfig
+    dtype: torch.dtype  # the folder's
+    ours: list[tuple[str, str | None, bool]]  # rows: name, quantize, compile
+    peers: dict[str, str]  # our row -> llama.cpp's width it is compared with
+    new_tokens: int  # per decode run: a seed-shape token takes well under a millisecond
+
+
 SHAPES = {
-    "seed": (SEED, torch.float32, [("float32", None, False), ("float32 compiled", None, True)], ["f32"],
-             {"float32": "f32", "float32 compiled": "f32"}),
-    "qwen3-0.6b": (preset("qwen3-0.6b")[0], torch.bfloat16,
-                   [("bfloat16 compiled", None, True), ("int8 compiled", "int8", True),
-                    ("int4 compiled", "int4", True)], ["bf16", "q8_0", "q4_0"],
-                   {"bfloat16 compiled": "bf16", "int8 compiled": "q8_0", "int4 compiled": "q4_0"}),
+    "seed": Shape(SEED, torch.float32, [("float32", None, False), ("float32 compiled", None, True)],
+                  {"float32": "f32", "float32 compiled": "f32"}, 128),
+    "qwen3-0.6b": Shape(preset("qwen3-0.6b")[0], torch.bfloat16,
+                        [("bfloat16 compiled", None, True), ("int8 compiled", "int8", True),
+                         ("int4 compiled", "int4", True)],
+                        {"bfloat16 compiled": "bf16", "int8 compiled": "q8_0", "int4 compiled": "q4_0"}, 32),
 }
 PROMPTS = (64, 512)
 BATCH = 8
@@ -66,10 +77,15 @@ def llama_cpp_binaries() -> Path:
 
 
 def run_tool(command: list[str]) -> str:
-    completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise SystemExit(f"{Path(command[0]).name} failed:\n{completed.stderr[-3000:]}")
-    return completed.stdout
+    """A llama.cpp tool's stdout. Its asynchronous log can lose the output of a run (tests/test_export.py
+    says when): a run that printed nothing is repeated, up to five times."""
+    for _ in range(5):
+        completed = subprocess.run(command, capture_output=True, text=True)
+        if completed.returncode != 0:
+            raise SystemExit(f"{Path(command[0]).name} failed:\n{completed.stderr[-3000:]}")
+        if completed.stdout.strip():
+            return completed.stdout
+    raise SystemExit(f"{Path(command[0]).name} printed nothing in 5 runs:\n{completed.stderr[-3000:]}")
 
 
 def gguf_file(binaries: Path, folder: Path, kind: str, scratch: Path) -> Path:
@@ -171,31 +187,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, help="per decode run (default: 128 at the seed shape, 32 at 0.6B)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--profile", action="store_true", help="print each of our rows' decode profile by operator")
     args = parser.parse_args()
     binaries = llama_cpp_binaries()
     torch.set_num_threads(args.threads)
-    print(f"{args.threads} threads, {args.new_tokens} new tokens, greedy, median of {args.repeats}; torch "
+    print(f"{args.threads} threads, greedy, median of {args.repeats}; torch "
           f"{torch.__version__}; load average before: {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as scratch:
-        for shape in args.shapes.split(","):
-            config, dtype, ours, widths, peers = SHAPES[shape]
-            folder = decode_bench.random_checkpoint(Path(scratch) / shape, config, dtype)
-            print_header(shape)
+        for name in args.shapes.split(","):
+            shape = SHAPES[name]
+            folder = decode_bench.random_checkpoint(Path(scratch) / name, shape.config, shape.dtype)
+            new = args.new_tokens or shape.new_tokens
+            print_header(f"{name}, {new} new tokens")
             theirs = {}
-            for kind in widths:
+            for kind in dict.fromkeys(shape.peers.values()):
                 model = gguf_file(binaries, folder, kind, Path(scratch))
-                theirs[kind] = llama_row(binaries, model, args.threads, args.new_tokens, args.repeats)
+                theirs[kind] = llama_row(binaries, model, args.threads, new, args.repeats)
                 model.unlink()
                 print_row(f"llama.cpp {kind}", theirs[kind], None)
-            for name, quantize, compiled in ours:
+            for row, quantize, compiled in shape.ours:
                 engine = load_engine(folder, device="cpu", quantize=quantize, compile=compiled)
-                print_row(name, our_row(engine, args.new_tokens, args.repeats), theirs[peers[name]])
+                print_row(row, our_row(engine, new, args.repeats), theirs[shape.peers[row]])
                 del engine
+                torch._dynamo.reset()  # each engine's graphs count toward Dynamo's limit of 8 per function
                 if args.profile:
-                    print(f"\n{shape}, {name}: an eager decode step by operator")
+                    print(f"\n{name}, {row}: an eager decode step by operator")
                     profile(load_engine(folder, device="cpu", quantize=quantize))
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")
 
