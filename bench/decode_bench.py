@@ -6,7 +6,7 @@ and every ratio compares numbers from this run. Each figure is the median of --r
     decode tok/s      new tokens after the first, per second (batch 1 and batch 8)
     prefill tok/s     prompt tokens per second of the first forward pass
     first token       time to the first new token (prefill + one sampling step)
-    int8              int8 linear layers (torch.ao dynamic quantization) against float32: decode
+    int8              int8 linear layers (int8 weights, inputs per row) against float32: decode
                       speed at the checkpoint's shape and a wider one, and perplexity
 
     python bench/decode_bench.py                     # CPU, one thread, random seed-shape model
@@ -33,7 +33,8 @@ import transformers
 
 from qwen3.config import ModelConfig
 from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
-from qwen3.infer.engine import Engine, quantize_int8
+from qwen3.infer.engine import Engine
+from qwen3.infer.quantize import quantize
 from qwen3.infer.sampling import SamplingParams
 from qwen3.model.checkpoint import find_checkpoint, load_model, save_model
 from qwen3.model.decoder import Qwen3ForCausalLM
@@ -61,9 +62,9 @@ def seconds(function: Callable[[], object], device: torch.device, clock: Callabl
     return clock() - start
 
 
-def random_checkpoint(folder: Path, config: ModelConfig) -> Path:
+def random_checkpoint(folder: Path, config: ModelConfig, dtype: torch.dtype = torch.float32) -> Path:
     torch.manual_seed(0)
-    save_model(Qwen3ForCausalLM(config), folder, tokenizer=train_tokenizer([TEXT], vocab_size=512))
+    save_model(Qwen3ForCausalLM(config).to(dtype), folder, tokenizer=train_tokenizer([TEXT], vocab_size=512))
     return folder
 
 
@@ -143,9 +144,9 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 def int8_comparison(folder: Path, label: str, repeats: int, new_tokens: int,
                     clock: Callable[[], float]) -> None:
-    """Decode speed and perplexity of int8 (torch.ao dynamic quantization) against float32."""
+    """Decode speed and perplexity of int8 (int8 weights, inputs per row) against float32."""
     tokenizer = load_tokenizer(folder)
-    models = {"float32": load_model(folder, "cpu"), "int8": quantize_int8(load_model(folder, "cpu"))}
+    models = {"float32": load_model(folder, "cpu"), "int8": quantize(load_model(folder, "cpu"), "int8")}
     engines = {name: Engine(model, tokenizer) for name, model in models.items()}
     context = models["float32"].config.max_position_embeddings
     ids = torch.tensor((tokenizer.encode(TEXT) * context)[:context])
@@ -206,7 +207,7 @@ def main() -> None:
                 print(f"  {name:22} {row['decode_tok_s']:10.0f} ({ratio:4.2f}x) {row['prefill_tok_s']:11.0f}"
                       f" {row['first_token_ms']:12.2f}")
         if not args.no_int8:
-            print(f"\nint8 (torch.ao dynamic quantization) against float32 on CPU, batch 1, {args.new_tokens} "
+            print(f"\nint8 (int8 weights, inputs per row) against float32 on CPU, batch 1, {args.new_tokens} "
                   f"new tokens:\n  {'':34} float32 tok/s  int8 tok/s     perplexity float32 / int8 "
                   f"on {config.max_position_embeddings} tokens of Genesis 1")
             int8_comparison(folder, args.checkpoint or "random seed shape", args.repeats, args.new_tokens, clock)

@@ -128,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(args.dir, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           device=args.device, max_seq_len=args.max_seq_len, chat_max_tokens=args.default_max_tokens,
-          compile=args.compile, dtype=args.dtype)
+          compile=args.compile, dtype=args.dtype, quantize=args.quantize)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reply length of a chat request without max_tokens (at most what the context leaves)")
     serve.add_argument("--compile", action="store_true",
                        help="torch.compile the decode step (CUDA graphs on a GPU)")
+    add_quantize_argument(serve)
     add_device_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
 
@@ -274,9 +275,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, metavar="R", help=f"{model} 1.0")
     parser.add_argument("--seed", type=int, default=None, metavar="S")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT")
-    parser.add_argument("--quantize", choices=["int8"], default=None)
+    add_quantize_argument(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     add_device_arguments(parser)
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="CPU inference with int8 or int4 linear layers (docs/generation.md)")
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:

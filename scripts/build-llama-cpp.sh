@@ -9,7 +9,7 @@ set -euo pipefail
 VERSION=0.3.36
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${QWEN3_LLAMA_CPP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/qwen3/llama-cpp-python-$VERSION}"
-TOOLS=(llama-simple llama-completion llama-bench llama-perplexity llama-tokenize)
+TOOLS=(llama-simple llama-completion llama-bench llama-batched-bench llama-perplexity llama-quantize llama-tokenize)
 BIN="$CACHE/bin"
 
 built() { for tool in "${TOOLS[@]}"; do [ -x "$BIN/$tool" ] || return 1; done; }

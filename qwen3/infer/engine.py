@@ -15,7 +15,7 @@ slots, and the masks and positions of rows at different lengths, are the cache's
   Engine              `prefill` and `decode` steps over a batch of sequences (the server's scheduler
                       drives them itself), and the loop over them for one prompt (`generate`,
                       `stream`) or several (`generate_batch`); `compile=True` compiles the decode step
-  load_engine         a checkpoint folder -> Engine (device "auto", optional int8, compile);
+  load_engine         a checkpoint folder -> Engine (device "auto", optional int8/int4, compile);
                       trained_checkpoint finds the folder, or says how to train one
 """
 
@@ -33,6 +33,7 @@ import torch
 
 from qwen3.data.tokenizer import Tokenizer, load_tokenizer
 from qwen3.errors import UserError, log, logger
+from qwen3.infer.quantize import check_kind, quantize as quantize_linears
 from qwen3.infer.sampling import BatchSampler, SamplingParams, StopChecker, generation_defaults
 from qwen3.model.checkpoint import (CheckpointError, find_checkpoint, load_generation_config, load_model, run_name,
                                     stored_dtype)
@@ -179,8 +180,10 @@ def compile_decode_step(step: DecodeStep, device: torch.device, cuda_graphs: boo
 
     On a CPU a small model's step is mostly per-kernel overhead, so Inductor is asked for a C++
     wrapper that calls the kernels instead of Python, for weights frozen as constants and prepacked
-    for the GEMM library, and for one matmul where linears read the same input (q/k/v, gate/up);
-    attention reads exactly the longest row's columns (a symbolic size after the first recompile).
+    for the GEMM library, for one matmul where linears read the same input (q/k/v, gate/up), and to
+    autotune each product between the GEMM library and its own C++ GEMM template (whose one-row
+    kernels read bfloat16 and float32 weights faster); attention reads exactly the longest row's
+    columns (a symbolic size after the first recompile).
     Measured in bench/decode_bench.py (docs/generation.md). Frozen weights are part of the compiled
     code: a model whose weights change afterwards needs a new step. Other devices get a plain
     torch.compile.
@@ -189,7 +192,12 @@ def compile_decode_step(step: DecodeStep, device: torch.device, cuda_graphs: boo
     if cuda:
         compiled = torch.compile(step, mode="reduce-overhead")
     elif device.type == "cpu":
-        compiled = frozen(torch.compile(step, options={"cpp_wrapper": True, "cpp.enable_concat_linear": True}))
+        compiled = frozen(torch.compile(step, options={
+            "cpp_wrapper": True, "cpp.enable_concat_linear": True, "max_autotune": True,
+            # autotuning's timing tables, which Inductor writes to stderr, are not for the user
+            "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}))
+        # ... nor is the deprecation warning torch 2.13's autotuner raises from its own code
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning, "torch._inductor.select_algorithm")
     else:
         compiled = torch.compile(step)
 
@@ -375,26 +383,6 @@ class Engine:
         return cache
 
 
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Int8 linear layers for CPU inference, in place, with PyTorch's own dynamic quantization.
-
-    Every nn.Linear (the LM head included) stores its weight as int8 with one scale per output
-    channel; at run time each input is quantized to int8 with a scale of its own, the product is
-    an int8 x int8 -> int32 GEMM (fbgemm), rescaled to float. Embedding and norms stay in float.
-    torchao's int8 configs were measured too and ran 3-5x slower than float32 on a CPU (its
-    weight-only path converts the int8 weight to float on every call); see docs/generation.md.
-    """
-    if model.model.embed_tokens.weight.device.type != "cpu":
-        raise UserError("--quantize int8 is for CPU inference; use --device cpu")
-    with warnings.catch_warnings():
-        # torch.ao.quantization announces its move to torchao; it is still PyTorch's CPU int8 path.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        from torch.ao.quantization import quantize_dynamic
-
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-
-
 def trained_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder `path` names (a run folder means its best/, else last/); where there is
     none, a UserError that says how to train one."""
@@ -408,20 +396,19 @@ def trained_checkpoint(path: str | Path) -> Path:
 def load_engine(path: str | Path, device: str = "auto", quantize: str | None = None,
                 compile: bool = False, dtype: str = "auto") -> Engine:
     """An Engine for a checkpoint folder (or a run folder's best/): model, tokenizer, options. The
-    weights' dtype is `weights_dtype`'s choice for `dtype` (or int8, quantized from float32); what
-    was chosen and why is logged."""
-    if quantize not in (None, "int8"):
-        raise UserError(f"unknown quantization {quantize!r} (supported: int8)")
+    weights' dtype is `weights_dtype`'s choice for `dtype`; `quantize` ("int8" or "int4", CPU only)
+    then replaces the linear layers (quantize.py). What was chosen and why is logged."""
+    if quantize is not None:
+        check_kind(quantize)
     folder = trained_checkpoint(path)
     resolved = resolve_device(device)
-    if quantize == "int8":  # PyTorch's dynamic int8 linear layers quantize float32 weights
-        chosen, held, why = torch.float32, "int8", "--quantize int8 (from float32 weights)"
-    else:
-        chosen, why = weights_dtype(dtype, stored_dtype(folder), resolved)
-        held = str(chosen).removeprefix("torch.")
+    chosen, why = weights_dtype(dtype, stored_dtype(folder), resolved)
+    held = str(chosen).removeprefix("torch.")
+    if quantize:
+        held = f"{quantize} linear layers (the rest in {held})"
     model = load_model(folder, device=resolved, dtype=chosen)
     log(f"{run_name(folder)}: {model.num_parameters():,} parameters in {held} on {resolved}: {why}")
-    if quantize == "int8":
-        model = quantize_int8(model)
+    if quantize:
+        model = quantize_linears(model, quantize)
     return Engine(model, load_tokenizer(folder), compile=compile, checkpoint=folder,
                   generation_config=load_generation_config(folder))

@@ -183,7 +183,8 @@ async def read_body(request: Request) -> bytes:
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 5000, api_key: str | None = None,
           max_batch: int = 16, device: str = "auto", max_seq_len: int | None = None,
-          chat_max_tokens: int = CHAT_DEFAULT_MAX_TOKENS, compile: bool = False, dtype: str = "auto") -> None:
+          chat_max_tokens: int = CHAT_DEFAULT_MAX_TOKENS, compile: bool = False, dtype: str = "auto",
+          quantize: str | None = None) -> None:
     """Serve the checkpoint at `path` (or a run folder's best/) until interrupted."""
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {port}")
@@ -198,7 +199,7 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 5000, api_key: 
     folder = trained_checkpoint(path)
     model_name = run_name(folder)  # a run folder's best/ or last/ is named after its run
     listener = bind(host, port)  # before loading the model, so a taken port fails at once
-    engine = load_engine(folder, device=device, compile=compile, dtype=dtype)
+    engine = load_engine(folder, device=device, quantize=quantize, compile=compile, dtype=dtype)
     app = create_app(engine, model_name, api_key=api_key, max_batch=max_batch, max_seq_len=max_seq_len,
                      chat_max_tokens=chat_max_tokens)
     address = f"[{host}]" if ":" in host else host
