@@ -159,7 +159,8 @@ def plot_losses(metrics_file: Path, image: Path) -> None:
     ax.set_ylabel("cross-entropy loss (nats per token)")
     ax.set_title(f"{metrics_file.parent.name}: loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:  # a run stopped before its first log has nothing to name
+        ax.legend()
     fig.tight_layout()
     save_png(fig, image)
 
