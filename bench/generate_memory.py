@@ -63,7 +63,9 @@ def generate(tree: Path, folder: Path, new_tokens: int, threads: int) -> tuple[f
     command = [sys.executable, "-c", GENERATE, "generate", str(folder), "--prompt", decode_bench.TEXT[:200],
                "--temperature", "0", "--max-new-tokens", str(new_tokens), "--device", "cpu"]
     start = time.perf_counter()
-    completed = subprocess.run(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # run in the tree: `python -c` puts the working directory ahead of PYTHONPATH on sys.path
+    completed = subprocess.run(command, env=environment, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
     seconds = time.perf_counter() - start
     if completed.returncode != 0:
         raise SystemExit(f"qwen3 generate ({tree}) failed:\n{completed.stderr[-3000:]}")
