@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=16, metavar="N",
                        help="most sequences decoded together (each has a KV-cache slot of --max-seq-len)")
     serve.add_argument("--max-seq-len", type=int, default=None, metavar="N",
-                       help="positions (prompt + reply) per sequence; default: the model's context")
+                       help="positions (prompt + reply) per sequence; default: the model's context, or the largest "
+                            "power of two whose slots fit half the free memory")
     serve.add_argument("--default-max-tokens", type=int, default=1024, metavar="N",
                        help="reply length of a chat request without max_tokens (at most what the context leaves)")
     serve.add_argument("--compile", action="store_true",
