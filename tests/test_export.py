@@ -4,7 +4,6 @@ slow) the real llama.cpp running the export token for token like qwen3 generate.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from qwen3.data.sources import kjv_books
 from qwen3.data.tokenizer import load_tokenizer, train_tokenizer
 from qwen3.infer.engine import load_engine
 from qwen3.infer.export import export_gguf
+from qwen3.infer.quantize import chunked_perplexity
 from qwen3.infer.sampling import SamplingParams
 from qwen3.model.checkpoint import load_model, save_model
 from qwen3.model.decoder import Qwen3ForCausalLM
@@ -223,19 +223,6 @@ def test_llama_cpp_tokenizes_like_we_do(llama_cpp, trained, tmp_path):
         assert [int(i) for i in re.findall(r"\d+", ids)] == tokenizer.encode(text)
 
 
-def ours_perplexity(checkpoint: Path, ids: list[int], context: int) -> float:
-    """llama-perplexity's measure: chunks of `context` tokens, each scoring its second half."""
-    model = load_model(checkpoint)
-    first, nll, count = context // 2, 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ids) // context * context, context):
-            chunk = torch.tensor([ids[start:start + context]])
-            logits = model(chunk)[0, first:context - 1].double()
-            nll += torch.nn.functional.cross_entropy(logits, chunk[0, first + 1:], reduction="sum").item()
-            count += context - first - 1
-    return math.exp(nll / count)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,tolerance", [("f32", 0.001), ("q8_0", 0.01)])
 def test_llama_cpp_perplexity_matches_ours(llama_cpp, trained, tmp_path, kind, tolerance):
@@ -249,5 +236,5 @@ def test_llama_cpp_perplexity_matches_ours(llama_cpp, trained, tmp_path, kind, t
                "-b", "64", "-t", "1", "--no-repack"]
     completed = run_llama_tool(command, lambda done: final.search(done.stderr + done.stdout))
     theirs = float(final.search(completed.stderr + completed.stdout).group(1))
-    ours = ours_perplexity(trained, load_tokenizer(trained).encode(text), 64)
+    ours = chunked_perplexity(load_model(trained), load_tokenizer(trained).encode(text), 64)
     assert abs(theirs / ours - 1) < tolerance, (theirs, ours)
