@@ -4,6 +4,7 @@ checkpoint, and DPO makes the policy prefer the chosen replies it was not traine
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -122,18 +123,45 @@ def test_mistakes_are_one_line_errors(base, rewards_module, tmp_path, capsys):
     assert "a prompt ends with the user's turn" in capsys.readouterr().err
 
 
+def dpo_configs(base: Path, out: Path, pairs: int = 60, **values: object):
+    data = out.parent / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{WORDS[i % len(WORDS)]} {i}", "chosen": "yes green tree",
+                                        "rejected": "no evening"}) + "\n" for i in range(pairs)))
+    folder, model = init_checkpoint(base)
+    return apply_overrides(model, preset("dpo")[1], {
+        "init_from": str(folder), "data": [str(data)], "out_dir": str(out), "max_steps": 20, "batch_size": 4,
+        "eval_interval": 20, "adamw_lr": 3e-3, "warmup_steps": 2, "sample_interval": 0, "val_fraction": 0.25,
+        "cache_dir": str(out.parent / "cache"), **values})
+
+
 @pytest.mark.slow
 def test_dpo_makes_the_policy_prefer_the_chosen_replies_of_held_out_pairs(base, tmp_path):
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": f"{WORDS[i % len(WORDS)]} {i}", "chosen": "yes green tree",
-                                         "rejected": "no evening"}) + "\n" for i in range(60)))
-    folder, model = init_checkpoint(base)
-    model_config, config = apply_overrides(model, preset("dpo")[1], {
-        "init_from": str(folder), "data": [str(pairs)], "out_dir": str(tmp_path / "dpo"), "max_steps": 20,
-        "eval_interval": 20, "adamw_lr": 3e-3, "warmup_steps": 2, "sample_interval": 0, "val_fraction": 0.25})
-    result = train(model_config, config)
+    result = train(*dpo_configs(base, tmp_path / "dpo", batch_size=8))
     assert result.final_eval.accuracy == 1.0 and result.final_eval.margin > 0
     assert result.final_eval.loss < 0.6931  # below log 2, where every margin is 0
+
+
+def scored_pairs(run: Path) -> int:
+    reference = torch.load(run / "last" / "trainer_state.pt", weights_only=False)["ranks"][0]["windows"]["reference"]["train"]
+    return int((~reference[0].isnan()).sum())
+
+
+@pytest.mark.slow
+def test_dpo_scores_only_the_pairs_its_steps_draw_and_a_resumed_run_ends_equal(base, tmp_path):
+    """A 3-step run of 4 pairs a step scores 12 training pairs before its first step, not all 45;
+    stopped and resumed with more steps, it scores the next ones from the starting checkpoint and ends
+    equal to a run planned that long."""
+    constant = {"eval_interval": 3, "min_lr_ratio": 1.0}  # the same learning rates whatever max_steps
+    whole = train(*dpo_configs(base, tmp_path / "whole", max_steps=6, **constant))
+    short = train(*dpo_configs(base, tmp_path / "cut", max_steps=3, **constant))
+    assert short.step == 3 and scored_pairs(tmp_path / "cut") == 12 and scored_pairs(tmp_path / "whole") == 24
+    model_config, config = resume_configs(tmp_path / "cut")
+    resumed = train(model_config, dataclasses.replace(config, max_steps=6), resume=True)
+    assert resumed.step == 6 and scored_pairs(tmp_path / "cut") == 24
+    ours, theirs = load_model(tmp_path / "cut" / "last"), load_model(tmp_path / "whole" / "last")
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert resumed.final_eval.loss == pytest.approx(whole.final_eval.loss, abs=1e-6)
 
 
 @pytest.mark.slow

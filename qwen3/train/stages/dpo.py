@@ -4,9 +4,11 @@ The pairs (data/prompts.py, TRL's preference format; without `--data` the embedd
 data/kjv.py: the right book chosen, another rejected) are split by a hash of their prompt into
 training and held-out pairs, and each side rendered with the checkpoint's chat template: the prompt
 and its reply, only the reply's tokens (and its end-of-turn token) learned. The reference is the
-starting model: its log-probability of every reply is computed once, before the first step (under
-LoRA, the base with the adapters off), kept with the run's saved state so that a resumed run
-compares with the same numbers. A micro-batch is B pairs: the B chosen rows, then their B rejected
+starting model: before the first step it scores the held-out replies and the training pairs the
+run's steps will draw (a 10-step trial scores 80 pairs, not the whole set), each pair once, kept
+with the run's saved state so that a resumed run compares with the same numbers; a resumed run
+that goes further scores the rest from the base with the adapters off (LoRA) or a copy of the
+starting checkpoint. A micro-batch is B pairs: the B chosen rows, then their B rejected
 ones; the loss is `PreferenceLoss` (train/objectives.py), averaged over the step's pairs.
 Evaluation: the held-out pairs' DPO loss, preference accuracy (the share whose implicit reward
 beta [(logp(c) - ref(c)) - (logp(r) - ref(r))] is positive) and mean reward margin.
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -90,7 +94,7 @@ class PreferenceOptimization(Stage):
                  seq_len: int, choice: str) -> None:
         self.config, self.tokenizer, self.train, self.val, self.sources, self.seq_len, self.choice = (
             config, tokenizer, train, val, sources, seq_len, choice)
-        self.reference: dict[str, torch.Tensor] | None = None  # "train", "val": (2, N) summed log-probabilities
+        self.reference: dict[str, torch.Tensor] = {}  # "train", "val": (2, N) summed log-probabilities, NaN: not yet
 
     @classmethod
     def prepare(cls, config: TrainConfig, tokenizer: str, context: int, progress: bool = False,
@@ -131,27 +135,34 @@ class PreferenceOptimization(Stage):
 
     def batches(self, layout: BatchLayout, seed: int, processes: Distributed, model: Qwen3ForCausalLM,
                 autocast: contextlib.AbstractContextManager) -> PairBatches:
-        return PairBatches(self, layout.rows, seed, processes, model, autocast)
+        return PairBatches(self, layout.rows, seed, processes, model, autocast,
+                           planned=self.config.max_steps * layout.micro_steps)
 
-    def reference_logprobs(self, model: Qwen3ForCausalLM, autocast: contextlib.AbstractContextManager) -> None:
-        """The starting model's summed log-probabilities of every reply, computed once: `model` is the
-        starting model here (before the first step), or under LoRA its base with the adapters off."""
-        if self.reference is not None:
-            return
-        with StartingModel(model, self.config.init_from, unchanged=True)() as reference, autocast:
-            self.reference = {name: logprobs_of(reference, pairs) for name, pairs in (("train", self.train),
-                                                                                     ("val", self.val))}
+    def reference_logprobs(self, model: Qwen3ForCausalLM, autocast: contextlib.AbstractContextManager, split: str,
+                           indices: list[int], unchanged: bool) -> torch.Tensor:
+        """The starting model's summed log-probabilities of the chosen and rejected replies of the
+        pairs `indices` of `split` ("train" or "val"), (2, len(indices)); each pair is scored once and
+        kept. `unchanged`: `model` is still the starting model (no step yet); else the starting model
+        is its base with the adapters off (LoRA) or a copy of init_from, loaded for the call."""
+        pairs = self.train if split == "train" else self.val
+        known = self.reference.setdefault(split, torch.full((2, pairs.x.shape[1]), math.nan, dtype=torch.float64))
+        missing = sorted({index for index in indices if math.isnan(known[0, index])})
+        if missing:
+            log(f"reference log-probabilities of {len(missing):,} {'training' if split == 'train' else 'held-out'} "
+                f"pairs from the starting model (once; saved with the run)")
+            with StartingModel(model, self.config.init_from, unchanged)() as reference, autocast:
+                known[:, missing] = logprobs_of(reference, Pairs(pairs.x[:, missing], pairs.y[:, missing], [], 0))
+        return known[:, indices]
 
     def evaluate(self, model: Qwen3ForCausalLM, batch_size: int, device: torch.device,
                  autocast: contextlib.AbstractContextManager, rank: int = 0, world_size: int = 1) -> PreferenceScore:
         """The held-out pairs' loss, accuracy and margin (rank r scores pairs r, r + world_size, ...)."""
-        if self.reference is None:  # `qwen3 eval`: the reference is the checkpoint the run started from
-            with StartingModel(model, self.config.init_from)() as reference, autocast:
-                self.reference = {"val": logprobs_of(reference, self.val)}
-        mine = slice(rank, None, world_size)
+        mine = list(range(rank, self.val.x.shape[1], world_size))
+        # scored before the first step in a run; under `qwen3 eval`, from the checkpoint the run started from
+        reference = self.reference_logprobs(model, autocast, "val", mine, unchanged=False)
         with autocast:
             policy = logprobs_of(model, Pairs(self.val.x[:, mine], self.val.y[:, mine], [], 0))
-        chosen, rejected = (policy - self.reference["val"][:, mine]).float()  # each (N,): log pi - log ref
+        chosen, rejected = (policy - reference).float()  # each (N,): log pi - log ref
         margins = self.config.dpo_beta * (chosen - rejected)
         totals = torch.tensor([float(-F.logsigmoid(margins).sum()), float((margins > 0).sum()), float(margins.sum()),
                                len(margins)], dtype=torch.float64, device=device)
@@ -221,34 +232,54 @@ def logprobs_of(model: Qwen3ForCausalLM, pairs: Pairs) -> torch.Tensor:
 
 
 class PairBatches:
-    """An endless stream of pair micro-batches, shuffled anew each epoch as PackedRows does; the
-    first draw computes the reference (from the model as it is then: the starting one)."""
+    """An endless stream of pair micro-batches, shuffled anew each epoch as PackedRows does. The
+    first draw of a run scores, with the model as it is then (the starting one), the held-out pairs
+    and every training pair its `planned` micro-batches will draw on any process."""
 
     def __init__(self, stage: PreferenceOptimization, rows: int, seed: int, processes: Distributed,
-                 model: Qwen3ForCausalLM, autocast: contextlib.AbstractContextManager) -> None:
+                 model: Qwen3ForCausalLM, autocast: contextlib.AbstractContextManager, planned: int) -> None:
         self.stage, self.rows, self.seed, self.processes, self.model, self.autocast = (
             stage, rows, seed, processes, model, autocast)
+        self.planned = planned
         self.steps = 0
 
     def __iter__(self) -> PairBatches:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, ...]:
-        self.stage.reference_logprobs(self.model, self.autocast)
+    def drawn(self, step: int, rank: int) -> list[int]:
+        """The training pairs of micro-batch `step` of process `rank`."""
         count = self.stage.train.x.shape[1]
-        first = (self.steps * self.processes.world_size + self.processes.rank) * self.rows
-        indices = []
-        for position in range(first, first + self.rows):
-            epoch, offset = divmod(position, count)
-            indices.append(np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(count)[offset])
+        first = (step * self.processes.world_size + rank) * self.rows
+        return [int(epoch_order(self.seed, epoch, count)[offset])
+                for epoch, offset in (divmod(position, count) for position in range(first, first + self.rows))]
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        indices = self.drawn(self.steps, self.processes.rank)
+        reference = self.stage.reference.get("train")
+        if reference is None or any(math.isnan(reference[0, index]) for index in indices):
+            # score what the rest of the run draws, on every process alike, in one pass
+            ahead = sorted({index for step in range(self.steps, max(self.planned, self.steps + 1))
+                            for rank in range(self.processes.world_size) for index in self.drawn(step, rank)})
+            unchanged = self.steps == 0
+            if unchanged:
+                self.stage.reference_logprobs(self.model, self.autocast, "val", list(range(self.stage.val.x.shape[1])),
+                                              unchanged)
+            self.stage.reference_logprobs(self.model, self.autocast, "train", ahead, unchanged)
+        reference = self.stage.reference_logprobs(self.model, self.autocast, "train", indices, unchanged=False)
         self.steps += 1
-        train, reference = self.stage.train, self.stage.reference["train"]
+        train = self.stage.train
         return (torch.cat([train.x[0, indices], train.x[1, indices]]), torch.cat([train.y[0, indices],
                                                                                   train.y[1, indices]]),
-                torch.cat([reference[0, indices], reference[1, indices]]).float())
+                torch.cat([reference[0], reference[1]]).float())
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "steps": self.steps, "reference": self.stage.reference}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed, self.steps, self.stage.reference = state["seed"], state["steps"], state["reference"]
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
+    """The order in which epoch `epoch` draws the `count` training pairs."""
+    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(count)
