@@ -38,8 +38,9 @@ GENERATION_CONFIG = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": 
 
 def missing() -> str | None:
     """Why a released-style folder cannot be built here, or None."""
-    if not (FIXTURES / "qwen3-chat-template.jinja").is_file():
-        return f"no released Qwen3 chat template in {FIXTURES}"
+    for name, what in (("qwen3-chat-template.jinja", "chat template"), ("qwen3-special-tokens.json", "special tokens")):
+        if not (FIXTURES / name).is_file():
+            return f"no released Qwen3 {what} in {FIXTURES}"
     try:
         metadata.distribution("dashscope")
     except metadata.PackageNotFoundError:
@@ -111,7 +112,11 @@ def qwen_tokenizer() -> tokenizers.Tokenizer:
 
 def write_released_folder(folder: Path, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                           head_dim: int = 16, intermediate_size: int = 128, seed: int = 0) -> Path:
-    """A released-style Qwen3 folder at `folder` (random weights of the given width)."""
+    """A released-style Qwen3 folder at `folder` (random weights of the given width). Where the
+    fixtures are missing it says so, and writes nothing."""
+    if reason := missing():
+        raise SystemExit(f"cannot build a released-style folder: {reason} (set QWEN3_FIXTURES to the folder "
+                         "holding qwen3-chat-template.jinja and qwen3-special-tokens.json)")
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
