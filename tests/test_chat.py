@@ -135,7 +135,7 @@ def test_ctrl_c_leaves_the_chat_cleanly(folder: Path) -> None:
     for attempt in range(5):
         terminal.type("\x03")
         try:
-            terminal.read_until("bye", timeout=10)
+            terminal.read_until("bye", timeout=30)
             break
         except AssertionError:
             if attempt == 4:
