@@ -1,5 +1,5 @@
-"""bench/gpu_check.py in its reduced mode, on whatever device this machine has: the script a GPU
-session runs must not rot between GPUs. Every section runs end to end and reports figures."""
+"""bench/gpu_check.py in its reduced mode, on whatever device this machine has: the script run on
+a GPU when one is at hand must not rot in between. Every section runs end to end and reports figures."""
 
 import json
 import subprocess
