@@ -10,15 +10,18 @@ A stage that learns from something other than next tokens also gives the loss (`
 what a micro-batch's loss is summed over (`units`) and metrics of its own. Pretraining (text
 windows, pretrain.py) and chat fine-tuning (conversations with a loss mask on the replies, sft.py),
 reinforcement learning (rollouts scored by a reward, rl.py) and preference optimization (pairs,
-dpo.py) implement it; the registry in __init__.py is the one place that knows them.
+dpo.py) implement it; the registry in __init__.py is the one place that knows them. The stages
+that draw whole items (rows, prompts, pairs) shuffled anew each epoch draw them with `drawn`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -128,3 +131,19 @@ def longest_sequence(config: TrainConfig, context: int) -> tuple[int, str]:
     if config.init_from and context > SEQ_LEN_CAP:
         return SEQ_LEN_CAP, f"the checkpoint's context of {context:,} capped at {SEQ_LEN_CAP:,}"
     return context, f"the model's context of {context:,}"
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
+    """The order in which epoch `epoch` of a run seeded `seed` draws its `count` items."""
+    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(count)
+
+
+def drawn(seed: int, count: int, rows: int, step: int, rank: int, world_size: int) -> list[tuple[int, int]]:
+    """(position, item) of the `rows` items that micro-batch `step` of process `rank` takes from
+    `count` items shuffled anew each epoch: the global positions (step * world_size + rank) * rows
+    onwards, position p being item epoch_order(p // count)[p % count]. The stream depends on the
+    step alone, not on how many processes share it, so the step count resumes it."""
+    first = (step * world_size + rank) * rows
+    return [(position, int(epoch_order(seed, position // count, count)[position % count]))
+            for position in range(first, first + rows)]

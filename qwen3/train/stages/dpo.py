@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -39,7 +37,7 @@ from qwen3.model.loss import IGNORE
 from qwen3.runtime import Distributed
 from qwen3.train.objectives import PreferenceLoss, sequence_logprobs
 from qwen3.train.parallel import BatchLayout
-from qwen3.train.stages.base import Stage, longest_sequence
+from qwen3.train.stages.base import Stage, drawn, longest_sequence
 from qwen3.train.stages.rl import EVAL_BATCH
 from qwen3.train.start import StartingModel
 
@@ -246,20 +244,18 @@ class PairBatches:
     def __iter__(self) -> PairBatches:
         return self
 
-    def drawn(self, step: int, rank: int) -> list[int]:
+    def pairs_of(self, step: int, rank: int) -> list[int]:
         """The training pairs of micro-batch `step` of process `rank`."""
-        count = self.stage.train.x.shape[1]
-        first = (step * self.processes.world_size + rank) * self.rows
-        return [int(epoch_order(self.seed, epoch, count)[offset])
-                for epoch, offset in (divmod(position, count) for position in range(first, first + self.rows))]
+        return [pair for _, pair in drawn(self.seed, self.stage.train.x.shape[1], self.rows, step, rank,
+                                          self.processes.world_size)]
 
     def __next__(self) -> tuple[torch.Tensor, ...]:
-        indices = self.drawn(self.steps, self.processes.rank)
+        indices = self.pairs_of(self.steps, self.processes.rank)
         reference = self.stage.reference.get("train")
         if reference is None or any(math.isnan(reference[0, index]) for index in indices):
             # score what the rest of the run draws, on every process alike, in one pass
             ahead = sorted({index for step in range(self.steps, max(self.planned, self.steps + 1))
-                            for rank in range(self.processes.world_size) for index in self.drawn(step, rank)})
+                            for rank in range(self.processes.world_size) for index in self.pairs_of(step, rank)})
             unchanged = self.steps == 0
             if unchanged:
                 self.stage.reference_logprobs(self.model, self.autocast, "val", list(range(self.stage.val.x.shape[1])),
@@ -278,8 +274,3 @@ class PairBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed, self.steps, self.stage.reference = state["seed"], state["steps"], state["reference"]
 
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
-    """The order in which epoch `epoch` draws the `count` training pairs."""
-    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(count)

@@ -52,7 +52,7 @@ from qwen3.runtime import Distributed
 from qwen3.train.objectives import PolicyGradientLoss, token_logprobs
 from qwen3.train.parallel import BatchLayout
 from qwen3.train.rewards import Reward, load_reward, score
-from qwen3.train.stages.base import Stage
+from qwen3.train.stages.base import Stage, drawn
 from qwen3.train.start import StartingModel
 
 EMBEDDED = "builtin:kjv-book"
@@ -277,14 +277,9 @@ class Rollouts:
     def prompts_of(self, index: int) -> list[tuple[int, Prompt]]:
         """(global index, prompt) of this process's share of rollout `index`: the epochs' shuffles
         of the training prompts, read in order, every process its slice of each rollout's."""
-        train, world = self.stage.train, self.processes.world_size
-        first = (index * world + self.processes.rank) * self.prompts_per_step
-        chosen = []
-        for position in range(first, first + self.prompts_per_step):
-            epoch, offset = divmod(position, len(train))
-            order = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(train))
-            chosen.append((position, train[order[offset]]))
-        return chosen
+        train = self.stage.train
+        return [(position, train[item]) for position, item in drawn(
+            self.seed, len(train), self.prompts_per_step, index, self.processes.rank, self.processes.world_size)]
 
     def generate(self, index: int) -> Rollout:
         """Sample, score and tensorize rollout `index` with the current policy."""

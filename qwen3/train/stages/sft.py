@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import numpy as np
 import torch
 
 from qwen3.config import SEQ_LEN_MULTIPLE, TrainConfig
@@ -34,7 +33,7 @@ from qwen3.runtime import Distributed
 from qwen3.train.metrics import EvalResult, score_packed
 from qwen3.train.parallel import BatchLayout
 from qwen3.train.samples import SAMPLE_PROMPTS
-from qwen3.train.stages.base import Stage, longest_sequence
+from qwen3.train.stages.base import Stage, drawn, longest_sequence
 
 EMBEDDED = "builtin:kjv-chat"
 EMBEDDED_SEQ_LEN = 256  # the embedded set's rows: 257 tokens, as on the seed's model (context 256)
@@ -173,20 +172,13 @@ class PackedRows:
         self.y = torch.from_numpy(packed.targets())
         self.rows, self.seed, self.rank, self.world_size = rows, seed, rank, world_size
         self.steps = 0
-        self._epoch = (-1, np.arange(0))
-
-    def order(self, epoch: int) -> np.ndarray:
-        if self._epoch[0] != epoch:
-            self._epoch = (epoch, np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.x)))
-        return self._epoch[1]
 
     def __iter__(self) -> PackedRows:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        first = (self.steps * self.world_size + self.rank) * self.rows
-        count = len(self.x)
-        indices = torch.tensor([self.order(index // count)[index % count] for index in range(first, first + self.rows)])
+        indices = torch.tensor([row for _, row in drawn(self.seed, len(self.x), self.rows, self.steps, self.rank,
+                                                         self.world_size)])
         self.steps += 1
         return self.x[indices], self.y[indices]
 
